@@ -1,0 +1,1 @@
+"""raylm actors layer."""

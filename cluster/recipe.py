@@ -1,0 +1,75 @@
+"""The whole recipe: one section per stage, loaded from YAML plus dotted overrides, validated before Ray starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cluster.config import ConfigError, apply_overrides, atomic_write_text, from_dict, read_yaml, to_dict
+from cluster.schemas.data import DataConfig
+from cluster.schemas.model import ModelConfig, TokenizerConfig
+from cluster.schemas.rlhf import PPOConfig, RewardConfig, SFTConfig
+from cluster.schemas.serve import ServeConfig
+from cluster.schemas.train import PretrainConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = PROJECT_ROOT / "configs" / "tiny-cpu.yaml"
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS, else start a local cluster
+    num_cpus: int | None = None  # local cluster size; None: the machine's cores
+    num_gpus: int | None = None
+    object_store_memory_mb: int | None = None
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    name: str
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name: must be a non-empty name without '/', got {self.name!r}")
+        if self.data.tokenize.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.tokenize.seq_len: {self.data.tokenize.seq_len} exceeds "
+                             f"model.max_seq_len={self.model.max_seq_len}")
+        if self.pretrain.pipeline_stages > self.model.n_layers:
+            raise ValueError(f"pretrain.pipeline_stages: {self.pretrain.pipeline_stages} stages for "
+                             f"{self.model.n_layers} layers")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load ``path`` (default ``configs/tiny-cpu.yaml``), apply ``a.b=c`` overrides, validate everything."""
+    path = Path(path) if path else DEFAULT_RECIPE
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    data.setdefault("name", path.stem)
+    try:
+        return from_dict(Recipe, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Rebuild a recipe that was saved (e.g. shipped to a Ray worker as a dict)."""
+    return from_dict(Recipe, data)
+
+
+def save_resolved(recipe: Recipe, run_dir: Path) -> Path:
+    out = Path(run_dir) / "config.yaml"
+    atomic_write_text(out, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    return out

@@ -1,0 +1,87 @@
+"""Ray start-up: join a cluster (``--address`` / ``RAY_ADDRESS``) or start a local one sized to the machine."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from cluster.recipe import PROJECT_ROOT, RayConfig
+
+log = logging.getLogger("raylm")
+
+# Never shipped with the project to a remote cluster: run outputs, virtualenvs, caches, VCS.
+WORKING_DIR_EXCLUDES = [
+    "runs/", ".venv/", "venv/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/",
+    "*.egg-info/", "build/", "dist/", ".cache/", "test-artifacts/",
+]
+
+# Environment every Ray worker of ours gets; see docs/platform.md for why.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore::FutureWarning",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+_logging_done = False
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure the ``raylm`` logger once per process (idempotent)."""
+    global _logging_done
+    if _logging_done:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("raylm")
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    _logging_done = True
+
+
+def project_runtime_env(carry_project: bool) -> dict:
+    """runtime_env for our workers; ``carry_project`` uploads this checkout (for clusters on other machines)."""
+    env: dict = {"env_vars": dict(WORKER_ENV)}
+    ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if ext_dir:
+        env["env_vars"]["TORCH_EXTENSIONS_DIR"] = ext_dir
+    if carry_project:
+        env["working_dir"] = str(PROJECT_ROOT)
+        env["excludes"] = list(WORKING_DIR_EXCLUDES)
+    return env
+
+
+def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bool = True):
+    """Connect to ``address`` / ``RAY_ADDRESS`` / ``cfg.address`` or start a fresh local cluster.
+
+    Returns the ``ray`` module. Idempotent: an already-initialised driver is reused.
+    """
+    import ray
+
+    setup_logging()
+    if ray.is_initialized():
+        return ray
+    cfg = cfg or RayConfig()
+    address = address or os.environ.get("RAY_ADDRESS") or cfg.address
+    kwargs: dict = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": logging.WARNING}
+    if address:
+        # A job submitted with `raylm submit` already runs inside the cluster with the project on its path.
+        inside_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=project_runtime_env(carry_project=not inside_job), **kwargs)
+    else:
+        num_cpus = cfg.num_cpus or os.cpu_count() or 1
+        log.info("starting a local Ray cluster (%d CPUs)", num_cpus)
+        local: dict = {"num_cpus": num_cpus, "_node_ip_address": "127.0.0.1"}
+        if cfg.num_gpus is not None:
+            local["num_gpus"] = cfg.num_gpus
+        if cfg.object_store_memory_mb:
+            local["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+        # address="local": never join a stale cluster left in /tmp/ray by a killed run.
+        ray.init(address="local", runtime_env=project_runtime_env(carry_project=False), **kwargs, **local)
+    return ray
+
+
+def storage_path(run_dir: Path) -> str:
+    """Ray Train storage for a run: the run dir itself (shared storage on a real cluster)."""
+    return str(Path(run_dir).resolve())

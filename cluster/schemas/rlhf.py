@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cluster.schemas.train import TrainConfig
+
+
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
+    data: str | None = None  # JSONL/parquet; None: Q/A pairs derived from the built-in corpus
+    max_len: int = 256
+    packing: bool = False
+    val_fraction: float = 0.1
+
+
+@dataclass(kw_only=True)
+class RewardConfig(TrainConfig):
+    data: str | None = None  # prompt/chosen/rejected or HH transcripts; None: built-in pairs
+    max_len: int = 256
+    margin: float = 0.0
+    val_fraction: float = 0.1
+
+
+@dataclass(kw_only=True)
+class RoleConfig:
+    replicas: int = 1
+    num_cpus: float = 1
+    num_gpus: float = 0
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas: must be >= 1, got {self.replicas}")
+
+
+@dataclass(kw_only=True)
+class PPOConfig:
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    prompts: str | None = None  # JSONL/parquet with `prompt`; None: built-in prompts
+    iterations: int = 20
+    rollout_batch_size: int = 16
+    group_size: int = 4  # GRPO samples per prompt
+    max_prompt_len: int = 64
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    ppo_epochs: int = 1
+    micro_batch_size: int = 8
+    actor_lr: float = 1e-5
+    critic_lr: float = 5e-5
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_mode: Literal["reward", "loss"] = "reward"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    colocate_reference_with_policy: bool = True
+    colocate_reward_with_critic: bool = True
+    checkpoint_every: int = 10
+    policy: RoleConfig = field(default_factory=RoleConfig)
+    critic: RoleConfig = field(default_factory=RoleConfig)
+    reward: RoleConfig = field(default_factory=RoleConfig)
+    reference: RoleConfig = field(default_factory=RoleConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout_batch_size < 1 or self.iterations < 1:
+            raise ValueError("rollout_batch_size: rollout_batch_size and iterations must be >= 1")
+        if self.algorithm == "grpo" and self.rollout_batch_size % self.group_size:
+            raise ValueError(f"group_size: rollout_batch_size={self.rollout_batch_size} must be a multiple of "
+                             f"group_size={self.group_size} for GRPO")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")

@@ -1,0 +1,1 @@
+"""raylm pipelines layer."""

@@ -1,0 +1,1 @@
+"""raylm serve layer."""
