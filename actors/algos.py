@@ -1,0 +1,150 @@
+"""The PPO/GRPO algorithm pieces as pure tensor functions (no Ray, no models), tested against plain loops.
+
+Shapes: ``[B, T]`` tensors cover the response tokens (actions) of B rollouts, right-padded; ``mask`` is 1 on
+real response tokens (up to and including EOS) and 0 on padding. Everything padded is ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over the positions where ``mask`` is 1 (all of them when ``dim`` is None)."""
+    denom = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / denom.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over the masked positions; Bessel-corrected by default (as in the usual PPO whitening)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise to unit variance over the masked positions (and zero mean unless ``shift_mean`` is False)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels) under ``logits`` ([B, T, V], [B, T] -> [B, T])."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the categorical distribution ([B, T, V] -> [B, T])."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman's k1/k2/k3).
+
+    k1 = log(p/q) (unbiased, can be negative), k2 = log(p/q)^2 / 2, k3 = q/p - 1 - log(q/p) (unbiased, >= 0).
+    """
+    log_ratio = logprobs.float() - ref_logprobs.float()
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl_estimator: must be k1, k2 or k3, got {estimator!r}")
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: ``-kl_coef * kl`` on every response token, plus the sequence score on its last one."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # the last real token per row
+    return rewards + last.float() * scores.unsqueeze(-1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded responses; returns (advantages, returns).
+
+    The value after the last real token is 0 (the episode ends with the response).
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        # On padding, carry nothing backwards: the next real step sees an episode end.
+        running = running * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, averaged over real tokens; also the clip fraction and approx KL(old || new)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clip_frac": masked_mean((clipped > unclipped).float(), mask),
+                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_eps: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2); no clipping if eps is None."""
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        return 0.5 * masked_mean(unclipped, mask), {"vf_clip_frac": torch.zeros(())}
+    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clip_frac": masked_mean((clipped > unclipped).float(), mask)}
+    return loss, stats
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: each sample's score relative to its group (consecutive ``group_size`` samples of one prompt).
+
+    (score - group mean) / (group std + eps), with the unbiased std; a group of equal scores gets 0.
+    """
+    if scores.numel() % group_size:
+        raise ValueError(f"group_size: {scores.numel()} scores are not a multiple of group_size={group_size}")
+    groups = scores.float().view(-1, group_size)
+    std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
+    return ((groups - groups.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
+
+
+@dataclass
+class KLController:
+    """KL coefficient: fixed, or adapted towards a target KL (Ziegler et al. 2019, proportional control)."""
+
+    value: float
+    target: float | None = None  # None: fixed coefficient
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
