@@ -1,0 +1,129 @@
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cluster.schemas.model import ModelConfig
+from pipelines.hf_export import (
+    export_hf,
+    from_hf_state_dict,
+    hf_config,
+    load_hf_model,
+    model_config_from_hf,
+    to_hf_state_dict,
+)
+from pipelines.model import build_model
+from pipelines.tokenizer import train_tokenizer
+
+# GQA: 4 query heads share 2 key/value heads.
+BASE = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 160, "max_seq_len": 64, "rope_theta": 5000.0}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    rng = random.Random(0)
+    words = ["ray", "train", "serve", "model", "token", "data", "the", "a", "of", "is"]
+    texts = (" ".join(rng.choice(words) for _ in range(40)) for _ in range(500))
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(texts, out, vocab_size=300)
+    return out
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def exported(request, tokenizer_dir, tmp_path_factory):
+    cfg = ModelConfig(**BASE, tie_embeddings=request.param)
+    vocab = 320  # padded past the tokenizer's size, as a training run may do
+    model = build_model(cfg, vocab, seed=3).eval()
+    out = tmp_path_factory.mktemp("export") / "hf"
+    export_hf(model.state_dict(), cfg, vocab, tokenizer_dir, out)
+    return model, cfg, vocab, out
+
+
+def test_export_writes_an_hf_directory(exported):
+    _, cfg, vocab, out = exported
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads"] == 2 and config["vocab_size"] == vocab
+    assert config["tie_word_embeddings"] is cfg.tie_embeddings
+    assert ("lm_head.weight" in load_file(out / "model.safetensors")) is (not cfg.tie_embeddings)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+
+
+def test_hf_logits_equal_ours(exported):
+    model, _, vocab, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_hf_generate_matches_our_greedy_decoding(exported):
+    model, _, _, out = exported
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok("ray train", return_tensors="pt").input_ids
+    generated = hf.generate(prompt, max_new_tokens=8, do_sample=False)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+    assert generated.shape[1] > prompt.shape[1]  # HF may stop early at EOS: compare what it produced
+    assert torch.equal(generated, ids[:, :generated.shape[1]])
+
+
+def test_round_trip_hf_ours_hf_is_exact(exported):
+    _, cfg, _, out = exported
+    hf_sd = load_file(out / "model.safetensors")
+    back = to_hf_state_dict(from_hf_state_dict(hf_sd), tie_embeddings=cfg.tie_embeddings)
+    assert back.keys() == hf_sd.keys()
+    assert all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)
+
+
+def test_load_hf_model_gives_back_the_same_model(exported):
+    model, cfg, vocab, out = exported
+    loaded, loaded_cfg, loaded_vocab = load_hf_model(out)
+    assert (loaded_cfg, loaded_vocab) == (cfg, vocab)
+    x = torch.randint(0, vocab, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_tied_weights_are_detected_from_shared_storage():
+    model = build_model(ModelConfig(**BASE, tie_embeddings=True), 50, seed=0)
+    assert "lm_head.weight" not in to_hf_state_dict(model.state_dict())
+    untied = build_model(ModelConfig(**BASE, tie_embeddings=False), 50, seed=0)
+    assert "lm_head.weight" in to_hf_state_dict(untied.state_dict())
+
+
+def test_re_export_replaces_atomically_and_failure_keeps_the_old_export(tokenizer_dir, tmp_path):
+    cfg = ModelConfig(**BASE)
+    out = tmp_path / "hf"
+    export_hf(build_model(cfg, 300, seed=0).state_dict(), cfg, 300, tokenizer_dir, out)
+    export_hf(build_model(cfg, 300, seed=1).state_dict(), cfg, 300, tokenizer_dir, out)
+    second = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(second, build_model(cfg, 300, seed=1).embed.weight)
+    bad = dict(build_model(cfg, 300, seed=2).state_dict(), **{"layers.0.attn.bogus": torch.zeros(1)})
+    with pytest.raises(KeyError, match="bogus"):
+        export_hf(bad, cfg, 300, tokenizer_dir, out)
+    assert torch.equal(load_file(out / "model.safetensors")["model.embed_tokens.weight"], second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_errors_name_the_problem(tokenizer_dir, tmp_path):
+    cfg = ModelConfig(**BASE)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        export_hf(build_model(cfg, 300, seed=0).state_dict(), cfg, 300, tmp_path, tmp_path / "hf")
+    with pytest.raises(ValueError, match="vocab_size"):
+        export_hf(build_model(cfg, 100, seed=0).state_dict(), cfg, 100, tokenizer_dir, tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf_model(tmp_path)
+    variant = hf_config(cfg, 300, 1, 2, 0)
+    variant.attention_bias = True
+    with pytest.raises(ValueError, match="attention_bias"):
+        model_config_from_hf(variant)
