@@ -9,6 +9,7 @@ the tokenizer files; ``AutoModelForCausalLM`` / ``AutoTokenizer`` (and vLLM) loa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -173,6 +174,19 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / name)
     return Path(out_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFExporter:
+    """``export_hf`` with the model description bound: ``HFExporter(cfg, vocab, tok_dir)(state_dict, out_dir)``.
+    Picklable (a module-level class), so it can ride in a Ray Train loop config as a training task's export."""
+
+    cfg: ModelConfig
+    vocab_size: int
+    tokenizer_dir: str | Path
+
+    def __call__(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+        return export_hf(state_dict, self.cfg, self.vocab_size, self.tokenizer_dir, out_dir)
 
 
 def load_hf_model(model_dir: str | Path) -> tuple[Transformer, ModelConfig, int]:

@@ -1,4 +1,5 @@
 import json
+import pickle
 import random
 
 import pytest
@@ -8,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster.schemas.model import ModelConfig
 from pipelines.hf_export import (
+    HFExporter,
     export_hf,
     from_hf_state_dict,
     hf_config,
@@ -105,7 +107,8 @@ def test_re_export_replaces_atomically_and_failure_keeps_the_old_export(tokenize
     cfg = ModelConfig(**BASE)
     out = tmp_path / "hf"
     export_hf(build_model(cfg, 300, seed=0).state_dict(), cfg, 300, tokenizer_dir, out)
-    export_hf(build_model(cfg, 300, seed=1).state_dict(), cfg, 300, tokenizer_dir, out)
+    exporter = pickle.loads(pickle.dumps(HFExporter(cfg, 300, tokenizer_dir)))  # as a Ray Train task ships it
+    exporter(build_model(cfg, 300, seed=1).state_dict(), out)
     second = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
     assert torch.equal(second, build_model(cfg, 300, seed=1).embed.weight)
     bad = dict(build_model(cfg, 300, seed=2).state_dict(), **{"layers.0.attn.bogus": torch.zeros(1)})
