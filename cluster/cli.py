@@ -73,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for the job")
     p.add_argument("--entrypoint-num-cpus", type=float, default=None)
     p.add_argument("--entrypoint-num-gpus", type=float, default=None)
+    p.add_argument("--python", help="the job's Python (default: this one on a local cluster, else `python`)")
+    p.add_argument("--pip", action="append", metavar="REQ", help="extra pip requirement for the job (repeatable)")
+    p.add_argument("--no-working-dir", action="store_true", help="don't upload this checkout (image has it)")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="raylm command and args")
+    p = sub.add_parser("k8s", help="render the KubeRay manifests (k8s/overlays/*/generated) from the recipes")
+    from cluster.k8s import add_arguments as add_k8s_arguments
+    add_k8s_arguments(p)
     p = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?")
@@ -138,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "jobs":
             from cluster.jobs import jobs_command
             return jobs_command(args)
+        if args.command == "k8s":
+            from cluster.k8s import k8s_command
+            return k8s_command(args)
         stages = args.stages.split(",") if args.command == "run" else [args.command]
         unknown = [s for s in stages if s not in STAGE_ENTRYPOINTS]
         if unknown:

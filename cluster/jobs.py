@@ -1,0 +1,317 @@
+"""``raylm submit`` and ``raylm jobs``: run raylm commands on a Ray cluster through the Ray Jobs API.
+
+The job carries this checkout as its ``working_dir`` (with the excludes of ``cluster.runtime``), so a cluster
+on another machine runs exactly the code and recipes you have here. Paths on the command line are made
+portable before submitting: files shipped with the project stay relative to it (they exist in the job's
+working_dir), every other path becomes absolute (it must exist on the cluster: shared storage).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from cluster.config import ConfigError
+from cluster.recipe import PROJECT_ROOT, load_recipe
+from cluster.runtime import WORKING_DIR_EXCLUDES, project_runtime_env
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+# Flags of raylm's stage commands whose values are paths (see cluster/cli.py).
+PATH_FLAGS = ("-c", "--config", "--run-dir", "--input", "--data", "--model", "--out")
+# Commands that cannot run inside a job: they would submit again.
+NOT_SUBMITTABLE = ("submit", "jobs")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class JobsError(RuntimeError):
+    """A problem talking to the cluster or with the submitted command; the message says what to do."""
+
+
+# ---------------------------------------------------------------- pure helpers (unit-tested)
+
+def dashboard_address(explicit: str | None, env: dict | None = None) -> str:
+    """--address, else $RAY_ADDRESS, else the local dashboard; a bare host:port gets http://."""
+    env = os.environ if env is None else env
+    address = explicit or env.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
+    if address.startswith("ray://"):
+        raise JobsError(f"--address {address}: the Jobs API talks to the dashboard (http://HEAD:8265), "
+                        "not the Ray Client port")
+    if "://" not in address:
+        address = "http://" + address
+    return address.rstrip("/")
+
+
+def is_loopback(address: str) -> bool:
+    return (urlparse(address).hostname or "") in LOOPBACK
+
+
+def auth_headers(env: dict | None = None, home: Path | None = None) -> dict[str, str]:
+    """The bearer token for a token-auth cluster (on by default for ``ray start`` clusters in Ray 2.60).
+
+    Ray's own client only sends a token when RAY_AUTH_MODE=token is set; we send one whenever it is found
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), unless RAY_AUTH_MODE=disabled.
+    """
+    env = os.environ if env is None else env
+    mode = (env.get("RAY_AUTH_MODE") or "").lower()
+    if mode == "disabled":
+        return {}
+    token = (env.get("RAY_AUTH_TOKEN") or "").strip()
+    if not token:
+        path = Path(env.get("RAY_AUTH_TOKEN_PATH") or (home or Path.home()) / ".ray" / "auth_token")
+        if path.is_file():
+            token = path.read_text(encoding="utf-8").strip()
+        elif mode == "token":
+            raise JobsError(f"RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or put the cluster's token "
+                            f"in {path} (on the head node: `ray get-auth-token`)")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _shipped(path: Path, project_root: Path) -> bool:
+    """True when ``path`` lies in the project and is uploaded with the working_dir (not excluded)."""
+    try:
+        rel = path.relative_to(project_root)
+    except ValueError:
+        return False
+    first = rel.parts[0] + "/" if rel.parts else ""
+    excluded_dirs = {e for e in WORKING_DIR_EXCLUDES if e.endswith("/") and "*" not in e}
+    return bool(rel.parts) and first not in excluded_dirs
+
+
+def portable_path(value: str, cwd: Path, project_root: Path) -> str:
+    """A path as the job must see it: relative inside the shipped project, else absolute; URIs unchanged."""
+    if "://" in value:
+        return value
+    path = (cwd / value).resolve() if not os.path.isabs(value) else Path(value)
+    if _shipped(path, project_root):
+        return str(path.relative_to(project_root))
+    return str(path)
+
+
+def portable_args(args: list[str], cwd: Path, project_root: Path = PROJECT_ROOT) -> list[str]:
+    """Rewrite the values of path flags (``--config x`` and ``--config=x``) with ``portable_path``."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if eq and flag in PATH_FLAGS:
+            out.append(f"{flag}={portable_path(value, cwd, project_root)}")
+        elif arg in PATH_FLAGS and i + 1 < len(args):
+            out += [arg, portable_path(args[i + 1], cwd, project_root)]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def build_entrypoint(python: str, command_args: list[str]) -> str:
+    """The shell command the job runs: ``<python> -m cluster.cli <args>`` (the job's cwd is the project)."""
+    return shlex.join([python, "-m", "cluster.cli", *command_args])
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise JobsError(f"--env {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+# ---------------------------------------------------------------- preparing a submission
+
+def strip_prefix(command_args: list[str]) -> list[str]:
+    """``-- raylm data ...`` and ``data ...`` mean the same command."""
+    args = list(command_args)
+    for word in ("--", "raylm"):
+        if args and args[0] == word:
+            args = args[1:]
+    return args
+
+
+def check_command(command_args: list[str]) -> argparse.Namespace:
+    """Parse the command with raylm's own parser, so a typo fails here and not minutes later on the cluster."""
+    from cluster.cli import build_parser
+
+    command_args = strip_prefix(command_args)
+    if not command_args:
+        raise JobsError("submit: nothing to run; usage: raylm submit [--address URL] -- data -c configs/x.yaml")
+    if command_args[0] in NOT_SUBMITTABLE:
+        raise JobsError(f"submit: {command_args[0]!r} cannot run as a job")
+    try:
+        return build_parser().parse_args(command_args)
+    except SystemExit:
+        raise JobsError(f"submit: not a valid raylm command: {shlex.join(command_args)}") from None
+
+
+def prepare_command(command_args: list[str], cwd: Path) -> list[str]:
+    """Validate the command (and its recipe) locally, pin the run dir, make paths portable."""
+    command_args = strip_prefix(command_args)
+    parsed = check_command(command_args)
+    args = list(command_args)
+    if hasattr(parsed, "run_dir"):  # a stage or `run`: it has a recipe and a run directory
+        recipe = load_recipe(parsed.config, parsed.overrides)  # ConfigError here: nothing submitted
+        if not parsed.run_dir:
+            # The job's cwd is a temporary copy of the project: pin the default run dir to where it would be here.
+            args[1:1] = ["--run-dir", str(cwd / "runs" / recipe.name)]
+    return portable_args(args, cwd)
+
+
+def runtime_env(extra_env: dict[str, str], pip: list[str], ship_project: bool) -> dict:
+    env = project_runtime_env(carry_project=ship_project)
+    env["env_vars"].update(extra_env)
+    if pip:
+        env["pip"] = list(pip)
+    return env
+
+
+# ---------------------------------------------------------------- talking to the cluster
+
+def connect(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except ConnectionError:
+        raise JobsError(f"cannot reach the Ray dashboard at {address}: is the cluster up (`ray start --head`, or "
+                        f"a port-forward to the head's port 8265)? Pass --address or set RAY_ADDRESS.") from None
+
+
+def cluster_error(exc: Exception, address: str) -> JobsError | None:
+    """Ray's client errors, as one line naming the dashboard; None for errors that are bugs of ours."""
+    from ray.exceptions import AuthenticationError
+
+    if isinstance(exc, AuthenticationError):
+        first = str(exc).splitlines()[0]
+        return JobsError(f"{address}: {first} (the cluster uses token auth: set RAY_AUTH_TOKEN, or copy the "
+                         f"head's token (`ray get-auth-token`) to ~/.ray/auth_token)")
+    if isinstance(exc, ConnectionError):
+        return JobsError(f"lost the connection to the Ray dashboard at {address}: {exc}")
+    if isinstance(exc, RuntimeError):  # Ray: "Request failed with status code 404: Job ... does not exist."
+        return JobsError(f"{address}: {exc}")
+    return None
+
+
+def follow_logs(client, job_id: str, out=None) -> None:
+    """Stream the job's logs until it ends (Ray's tail is a websocket async iterator)."""
+    out = out or sys.stdout
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(tail())
+
+
+def wait_terminal(client, job_id: str, timeout_s: float = 60.0) -> str:
+    """The log tail can end a moment before the status turns terminal: poll it with a deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(client.get_job_status(job_id))
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def report_end(client, job_id: str) -> int:
+    info = client.get_job_info(job_id)
+    status = str(info.status)
+    print(f"raylm: job {job_id} {status}", file=sys.stderr)
+    if status != "SUCCEEDED":
+        if info.message:
+            print(f"raylm: {info.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def submit_command(args: argparse.Namespace) -> int:
+    address = DEFAULT_DASHBOARD
+    try:
+        command = prepare_command(list(args.command_args), Path.cwd())
+        address = dashboard_address(args.address)
+        python = getattr(args, "python", None) or (sys.executable if is_loopback(address) else "python")
+        env = runtime_env(parse_env(args.env), getattr(args, "pip", None) or [],
+                          ship_project=not getattr(args, "no_working_dir", False))
+        client = connect(address)
+        job_id = client.submit_job(
+            entrypoint=build_entrypoint(python, command),
+            submission_id=f"raylm-{command[0]}-{uuid.uuid4().hex[:8]}",
+            runtime_env=env,
+            entrypoint_num_cpus=args.entrypoint_num_cpus,
+            entrypoint_num_gpus=args.entrypoint_num_gpus,
+            metadata={"raylm_command": shlex.join(command)[:1000]},
+        )
+        print(job_id, flush=True)
+        print(f"raylm: submitted {job_id} to {address}: raylm {shlex.join(command)}", file=sys.stderr)
+        if args.no_wait:
+            return 0
+        try:
+            follow_logs(client, job_id)
+        except KeyboardInterrupt:
+            print(f"\nraylm: stopped following; the job goes on (raylm jobs stop {job_id})", file=sys.stderr)
+            return 130
+        wait_terminal(client, job_id)
+        return report_end(client, job_id)
+    except ConfigError as exc:
+        print(f"raylm: config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - translated to one clear line, or re-raised
+        err = exc if isinstance(exc, JobsError) else cluster_error(exc, address)
+        if err is None:
+            raise
+        print(f"raylm: {err}", file=sys.stderr)
+        return 1
+
+
+def _format_time(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def list_jobs(client, out=None) -> None:
+    out = out or sys.stdout
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    out.write(f"{'SUBMISSION ID':36} {'STATUS':10} {'STARTED':19}  ENTRYPOINT\n")
+    for job in jobs:
+        out.write(f"{(job.submission_id or job.job_id or '-'):36} {str(job.status):10} "
+                  f"{_format_time(job.start_time):19}  {job.entrypoint[:80]}\n")
+
+
+def jobs_command(args: argparse.Namespace) -> int:
+    address = DEFAULT_DASHBOARD
+    try:
+        if args.action != "list" and not args.job_id:
+            raise JobsError(f"jobs {args.action}: give a job id (see `raylm jobs list`)")
+        address = dashboard_address(args.address)
+        client = connect(address)
+        if args.action == "list":
+            list_jobs(client)
+            return 0
+        if args.action == "status":
+            info = client.get_job_info(args.job_id)
+            print(f"{args.job_id} {info.status}" + (f": {info.message}" if info.message else ""))
+            return 0
+        if args.action == "logs":
+            if args.follow:
+                follow_logs(client, args.job_id)
+            else:
+                sys.stdout.write(client.get_job_logs(args.job_id))
+            return 0
+        stopped = client.stop_job(args.job_id)
+        print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
+        return 0
+    except Exception as exc:  # noqa: BLE001 - translated to one clear line, or re-raised
+        err = exc if isinstance(exc, JobsError) else cluster_error(exc, address)
+        if err is None:
+            raise
+        print(f"raylm: jobs {args.action}: {err}", file=sys.stderr)
+        return 1

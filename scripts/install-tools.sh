@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Offline manifest tooling in its own venv (.venv-tools): checkov pins many packages that conflict with the
+# project's constraints.txt, so it must not share .venv. Idempotent: a finished install is reused.
+# Used by tests/test_k8s.py (which skips checkov with this command in its message when the venv is absent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${TOOLS_VENV:-.venv-tools}
+CHECKOV_SPEC=${CHECKOV_SPEC:-checkov==3.3.30}
+KUBERNETES_VALIDATE_SPEC=${KUBERNETES_VALIDATE_SPEC:-kubernetes-validate==1.37.0}
+stamp="$VENV/.installed-$(echo "$CHECKOV_SPEC $KUBERNETES_VALIDATE_SPEC" | tr -c 'a-zA-Z0-9.=\n' '_')"
+[ -f "$stamp" ] && exit 0
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/pip" install --disable-pip-version-check -q "$CHECKOV_SPEC" "$KUBERNETES_VALIDATE_SPEC"
+touch "$stamp"

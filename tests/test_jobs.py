@@ -1,0 +1,236 @@
+"""`raylm submit` / `raylm jobs` against a real `ray start --head` cluster (token auth on), plus the pure helpers.
+
+The cluster here is our own (2 CPUs, loopback, its own ports and temp dir), not the session `ray_cluster`:
+the Jobs API needs a dashboard, and we must stop exactly what we started (never `ray stop`: other clusters
+run on this machine).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from cluster.config import ConfigError
+from cluster.jobs import (JobsError, auth_headers, build_entrypoint, check_command, dashboard_address,
+                          portable_args, prepare_command)
+from cluster.recipe import PROJECT_ROOT
+
+RAY = Path(sys.executable).with_name("ray")
+DATA_STAGE = PROJECT_ROOT / "pipelines" / "data" / "stage.py"
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def test_dashboard_address_defaults_and_normalises():
+    assert dashboard_address(None, env={}) == "http://127.0.0.1:8265"
+    assert dashboard_address(None, env={"RAY_ADDRESS": "10.0.0.5:8265/"}) == "http://10.0.0.5:8265"
+    assert dashboard_address("https://head:443", env={"RAY_ADDRESS": "x"}) == "https://head:443"
+    with pytest.raises(JobsError, match="dashboard"):
+        dashboard_address("ray://head:10001", env={})
+
+
+def test_auth_headers_find_the_token(tmp_path):
+    assert auth_headers(env={}, home=tmp_path) == {}
+    assert auth_headers(env={"RAY_AUTH_TOKEN": "abc"}, home=tmp_path) == {"Authorization": "Bearer abc"}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("fromfile\n")
+    assert auth_headers(env={}, home=tmp_path) == {"Authorization": "Bearer fromfile"}
+    assert auth_headers(env={"RAY_AUTH_MODE": "disabled"}, home=tmp_path) == {}
+    with pytest.raises(JobsError, match="RAY_AUTH_TOKEN"):
+        auth_headers(env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")})
+
+
+def test_paths_become_portable(tmp_path):
+    root = tmp_path / "proj"
+    (root / "configs").mkdir(parents=True)
+    args = ["data", "-c", "configs/x.yaml", "--run-dir", "runs/a", "--input=../corpus", "--input", "s3://b/c",
+            "data.num_blocks=2"]
+    out = portable_args(args, cwd=root, project_root=root)
+    # shipped with the working_dir: stays relative; runs/ is excluded from it and outside paths: absolute
+    assert out == ["data", "-c", "configs/x.yaml", "--run-dir", str(root / "runs/a"),
+                   f"--input={tmp_path / 'corpus'}", "--input", "s3://b/c", "data.num_blocks=2"]
+
+
+def test_command_is_checked_before_submitting(tmp_path):
+    with pytest.raises(JobsError, match="cannot run as a job"):
+        check_command(["submit", "--", "data"])
+    with pytest.raises(JobsError, match="not a valid raylm command"):
+        check_command(["rm", "-rf", "/"])
+    with pytest.raises(ConfigError, match="pretrain.zero_stage"):
+        prepare_command(["pretrain", "pretrain.zero_stage=7"], cwd=tmp_path)
+    # the default run dir is pinned to where it would be locally (the job's cwd is a temporary copy)
+    assert prepare_command(["raylm", "data"], cwd=tmp_path)[:3] == ["data", "--run-dir",
+                                                                     str(tmp_path / "runs" / "tiny-cpu")]
+    assert build_entrypoint("/v/python", ["data", "--input", "a b"]) == "/v/python -m cluster.cli data --input 'a b'"
+
+
+def test_unreachable_dashboard_is_a_clear_error(capsys):
+    from cluster.cli import main
+
+    port = _free_ports(1)[0]
+    rc = main(["jobs", "list", "--address", f"http://127.0.0.1:{port}"])
+    assert rc == 1
+    assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real head node
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_dashboard(address: str, token: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            r = requests.get(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2)
+            if r.ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"dashboard {address} not up after {timeout_s}s")
+
+
+def _pids_using(temp_dir: str) -> list[int]:
+    """Processes of the cluster we started: their command lines name its temp dir or session."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if temp_dir.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dash, client, agent, agent_grpc, metrics, rt_env = _free_ports(7)
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+           "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+           "--runtime-env-agent-port", str(rt_env), "--object-store-memory", str(300 * 1024 * 1024),
+           "--temp-dir", temp_dir, "--disable-usage-stats"]
+    log = open(Path(temp_dir) / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_dashboard(address, token, proc)
+        yield {"address": address, "token": token, "temp_dir": temp_dir}
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: ray start shuts its node down on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for pid in _pids_using(temp_dir):  # anything left of OUR cluster only
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _raylm(args: list[str], token: str | None, cwd: Path = PROJECT_ROOT, timeout: float = 300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.ray
+def test_submitted_command_succeeds_and_writes_its_output(head, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rendered" / "rayservice.yaml"
+    res = _raylm(["submit", "--address", head["address"], "--", "raylm", "k8s", "render",
+                  "-c", "configs/tiny-cpu.yaml", "--out", str(out), "serve.autoscaling.max_replicas=3"],
+                 head["token"])
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.splitlines()[0]
+    assert job_id.startswith("raylm-k8s-")
+    assert f"job {job_id} SUCCEEDED" in res.stderr
+    assert "wrote " in res.stdout  # the job's own output, followed live
+    service = yaml.safe_load(out.read_text())
+    assert "max_replicas: 3" in service["spec"]["serveConfigV2"]
+
+    # raylm jobs: in-process (no Ray started), token from the environment
+    from cluster.cli import main
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head["token"])
+    assert main(["jobs", "status", job_id, "--address", head["address"]]) == 0
+    assert f"{job_id} SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "logs", job_id, "--address", head["address"]]) == 0
+    assert "wrote " in capsys.readouterr().out
+    assert main(["jobs", "list", "--address", head["address"]]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["jobs", "stop", job_id, "--address", head["address"]]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main(["jobs", "status", "raylm-no-such-job", "--address", head["address"]]) == 1
+    assert "raylm-no-such-job" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_failing_job_is_reported_failed_with_its_error(head, tmp_path):
+    missing = tmp_path / "gone.yaml"  # exists nowhere: the job's own recipe check fails on the cluster
+    res = _raylm(["submit", "--address", head["address"], "--", "k8s", "render", "-c", str(missing)],
+                 head["token"])
+    assert res.returncode == 1
+    assert "FAILED" in res.stderr
+    assert f"{missing}: recipe file not found" in res.stderr  # the job's error, in the final report
+
+
+@pytest.mark.ray
+def test_missing_token_is_a_clear_auth_error(head, tmp_path, monkeypatch, capsys):
+    from cluster.cli import main
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    rc = main(["submit", "--address", head["address"], "--", "k8s", "render", "-c", "configs/tiny-cpu.yaml"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert head["address"] in err and "token" in err
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not DATA_STAGE.exists(), reason="the data stage (pipelines/data/stage.py) has not landed yet")
+def test_data_stage_runs_as_a_job(head, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = "ray data streams text through cleaning filtering dedup and tokenization into parquet shards"
+    for i in range(40):
+        (corpus / f"doc{i}.txt").write_text(" ".join(f"{w}{(i * 7 + j) % 13}" for j, w in
+                                                     enumerate(words.split() * 6)) + "\n")
+    run_dir = tmp_path / "run"
+    res = _raylm(["submit", "--address", head["address"], "--", "data", "--input", str(corpus),
+                  "--run-dir", str(run_dir), "tokenizer.vocab_size=300", "data.num_blocks=2",
+                  "ray.num_cpus=2"], head["token"], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SUCCEEDED" in res.stderr
+    assert (run_dir / "config.yaml").is_file()
+    assert any((run_dir / "data").rglob("*.parquet")), sorted(p.name for p in (run_dir / "data").rglob("*"))
