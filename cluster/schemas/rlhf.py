@@ -60,6 +60,11 @@ class PPOConfig:
     kl_horizon: int = 10000
     whiten_advantages: bool = True
     rollout_engine: Literal["hf", "vllm"] = "hf"
+    vllm_engines: int = 1  # rollout_engine=vllm: engine actors (GPU recipes only)
+    vllm_tensor_parallel: int = 1
+    zero_stage: int = 2  # policy/critic DeepSpeed ZeRO stage; 3 would partition the weights generate needs
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float = 1.0
     colocate_reference_with_policy: bool = True
     colocate_reward_with_critic: bool = True
     checkpoint_every: int = 10
@@ -69,10 +74,31 @@ class PPOConfig:
     reference: RoleConfig = field(default_factory=RoleConfig)
 
     def __post_init__(self) -> None:
-        if self.rollout_batch_size < 1 or self.iterations < 1:
-            raise ValueError("rollout_batch_size: rollout_batch_size and iterations must be >= 1")
-        if self.algorithm == "grpo" and self.rollout_batch_size % self.group_size:
-            raise ValueError(f"group_size: rollout_batch_size={self.rollout_batch_size} must be a multiple of "
-                             f"group_size={self.group_size} for GRPO")
+        for name in ("iterations", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "ppo_epochs",
+                     "micro_batch_size", "checkpoint_every", "kl_horizon", "vllm_engines", "vllm_tensor_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("clip_eps", "value_clip_eps", "temperature", "kl_target", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef: must be >= 0, got {self.kl_coef}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage: must be 0, 1 or 2 (ZeRO-3 partitions the weights the policy generates "
+                             f"with), got {self.zero_stage}")
+        if self.algorithm == "grpo":
+            if self.group_size < 2:
+                raise ValueError(f"group_size: GRPO needs >= 2 samples per prompt, got {self.group_size}")
+            if self.rollout_batch_size % self.group_size:
+                raise ValueError(f"group_size: rollout_batch_size={self.rollout_batch_size} must be a multiple of "
+                                 f"group_size={self.group_size} for GRPO")
+        for role in ("policy", "critic", "reward", "reference"):
+            replicas = getattr(self, role).replicas
+            if self.rollout_batch_size % replicas:
+                raise ValueError(f"{role}.replicas: rollout_batch_size={self.rollout_batch_size} must split evenly "
+                                 f"over {replicas} replicas")

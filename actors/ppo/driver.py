@@ -1,0 +1,213 @@
+"""The PPO/GRPO driver: builds the four role groups and runs generate -> score -> advantages -> train -> sync.
+
+The driver holds no model. It moves rollout tensors between actors through the object store and computes the
+advantages itself with the pure functions of ``actors.algos`` (they are cheap: O(batch x response length)).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from actors import algos
+from actors.group import ActorGroup, plan_placement, wait_ready
+from actors.ppo.roles import CriticActor, PolicyActor, ReferenceActor, RewardActor
+from actors.ppo.rollout import concat_batches, pad_left, split_batch
+from cluster.schemas.rlhf import PPOConfig
+
+log = logging.getLogger("raylm")
+
+
+@dataclass
+class PromptSampler:
+    """Cycles through the prompts in a seeded order, reshuffled every epoch; its state is two integers."""
+
+    prompts: list[list[int]]
+    seed: int = 0
+    epoch: int = 0
+    position: int = 0
+    _order: list[int] = field(default_factory=list, repr=False)
+
+    def _shuffle(self) -> None:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self._order = torch.randperm(len(self.prompts), generator=g).tolist()
+
+    def take(self, n: int) -> list[list[int]]:
+        if not self._order:
+            self._shuffle()
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._shuffle()
+            out.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._shuffle()
+
+
+def role_config(cfg: PPOConfig, lr: float) -> dict:
+    """The plain dict each role actor gets (picklable, no schema import needed in the worker)."""
+    keys = ("micro_batch_size", "zero_stage", "grad_clip", "precision", "max_new_tokens", "temperature", "top_p",
+            "ppo_epochs", "clip_eps", "value_clip_eps", "kl_mode", "kl_estimator")
+    return {**{k: getattr(cfg, k) for k in keys}, "lr": lr}
+
+
+class PPOTrainer:
+    """Owns the role groups of one PPO/GRPO run."""
+
+    def __init__(self, cfg: PPOConfig, policy_dir: str, reward_dir: str, *, seed: int = 0, pad_id: int):
+        self.cfg, self.seed, self.pad_id = cfg, seed, pad_id
+        self.grpo = cfg.algorithm == "grpo"
+        roles = ("policy", "reference", "reward") + (() if self.grpo else ("critic",))
+        plan = plan_placement(cfg, roles)
+        wait_ready(plan)
+        self.placements = plan
+        policy_cfg, critic_cfg = role_config(cfg, cfg.actor_lr), role_config(cfg, cfg.critic_lr)
+        self.policy = ActorGroup(PolicyActor, plan["policy"],
+                                 lambda r, n: ((str(policy_dir), policy_cfg, r, n, seed), {}), "policy")
+        self.reference = ActorGroup(ReferenceActor, plan["reference"],
+                                    lambda r, n: ((str(policy_dir), policy_cfg), {}), "reference")
+        self.reward = ActorGroup(RewardActor, plan["reward"], lambda r, n: ((str(reward_dir), policy_cfg), {}),
+                                 "reward")
+        self.critic = None if self.grpo else ActorGroup(
+            CriticActor, plan["critic"], lambda r, n: ((str(reward_dir), critic_cfg, r, n, seed), {}), "critic")
+        self.trainable = [g for g in (self.policy, self.critic) if g is not None]
+        for group in self.trainable:
+            group.setup_distributed()
+        self.kl_ctl = algos.KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+        self.rollout_engine = None
+        if cfg.rollout_engine == "vllm":
+            from actors.ppo.vllm_engine import VLLMRollout
+
+            self.rollout_engine = VLLMRollout(cfg, policy_dir)
+
+    # --- one iteration -------------------------------------------------------------------------------------
+    def _generate(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+        import ray
+
+        ids, mask = pad_left(prompts, self.pad_id)
+        batch = {"prompt_ids": ids, "prompt_mask": mask}
+        if self.rollout_engine is not None:
+            return self.rollout_engine.generate(batch, self.policy)
+        parts = ray.get(self.policy.map("generate", split_batch(batch, len(self.policy))))
+        return concat_batches(parts, self.pad_id)
+
+    def _score(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reward, reference log-probs and values, all roles working at once."""
+        import ray
+
+        def launch(group, method):
+            return group.map(method, split_batch(batch, len(group))) if group is not None else None
+
+        refs = {"scores": launch(self.reward, "score"), "ref_logprobs": launch(self.reference, "logprobs"),
+                "values": launch(self.critic, "values")}
+        out = {}
+        for key, group_refs in refs.items():
+            if group_refs is not None:
+                parts = [{key: t} for t in ray.get(group_refs)]
+                out[key] = concat_batches(parts, self.pad_id)[key]
+        return out
+
+    def _advantages(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Fold the KL penalty in and compute advantages (GAE, or GRPO's group-relative scores) in place."""
+        cfg, mask = self.cfg, batch["response_mask"].float()
+        kl = algos.kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
+        coef = self.kl_ctl.value if cfg.kl_mode == "reward" else 0.0
+        if self.grpo:
+            scores = batch["scores"] - coef * kl.sum(-1)
+            adv = algos.grpo_advantages(scores, cfg.group_size).unsqueeze(-1) * mask
+        else:
+            rewards = algos.shape_rewards(batch["scores"], kl, mask, coef)
+            adv, batch["returns"] = algos.gae(rewards, batch["values"] * mask, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = algos.masked_whiten(adv, mask)
+        batch["advantages"] = adv
+        seq_kl = kl.sum(-1)
+        return {"kl": seq_kl.mean().item(), "kl_per_token": algos.masked_mean(kl, mask).item()}
+
+    def _train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        import ray
+
+        kl_coef = self.kl_ctl.value if self.cfg.kl_mode == "loss" else 0.0
+        keys = ["sequences", "attention_mask", "response_mask", "logprobs", "advantages", "ref_logprobs"]
+        refs = {"policy": self.policy.map("train", split_batch({k: batch[k] for k in keys}, len(self.policy)),
+                                          kl_coef=kl_coef)}
+        if self.critic is not None:
+            keys = ["sequences", "attention_mask", "response_mask", "values", "returns"]
+            refs["critic"] = self.critic.map("train", split_batch({k: batch[k] for k in keys}, len(self.critic)))
+        stats: dict[str, float] = {}
+        for group_refs in refs.values():
+            parts = ray.get(group_refs)
+            for key in parts[0]:
+                stats[key] = sum(p[key] for p in parts) / len(parts)
+        return stats
+
+    def step(self, prompts: list[list[int]]) -> dict[str, float]:
+        """One PPO iteration on ``prompts`` (already repeated ``group_size`` times for GRPO)."""
+        t0 = time.perf_counter()
+        batch = self._generate(prompts)
+        t1 = time.perf_counter()
+        batch.update(self._score(batch))
+        t2 = time.perf_counter()
+        kl_stats = self._advantages(batch)
+        train_stats = self._train(batch)
+        t3 = time.perf_counter()
+        if self.rollout_engine is not None:
+            self.rollout_engine.sync_weights(self.policy)
+        t4 = time.perf_counter()
+        scores, lengths = batch["scores"], batch["response_mask"].sum(-1).float()
+        self.kl_ctl.update(kl_stats["kl"], len(prompts))
+        return {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+                **kl_stats, **train_stats, "kl_coef": self.kl_ctl.value,
+                "response_len": lengths.mean().item(), "samples_per_s": len(prompts) / (t4 - t0),
+                "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2, "time_sync": t4 - t3}
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def checksums(self) -> dict[str, list[float]]:
+        import ray
+
+        groups = {"policy": self.policy, "reference": self.reference, "reward": self.reward, "critic": self.critic}
+        return {name: ray.get(g.call("param_checksum")) for name, g in groups.items() if g is not None}
+
+    def save(self, path: Path, tag: str) -> None:
+        import ray
+
+        for name, group in (("policy", self.policy), ("critic", self.critic)):
+            if group is not None:
+                ray.get(group.call("save_checkpoint", str(path / name), tag))
+
+    def load(self, path: Path, tag: str) -> None:
+        import ray
+
+        for name, group in (("policy", self.policy), ("critic", self.critic)):
+            if group is not None:
+                ray.get(group.call("load_checkpoint", str(path / name), tag))
+
+    def export(self, out_dir: Path) -> None:
+        import ray
+
+        ray.get(self.policy.call("export", str(out_dir)))
+
+    def kl_state(self) -> dict:
+        return asdict(self.kl_ctl)
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in (self.policy, self.reference, self.reward, self.critic):
+            if group is not None:
+                group.kill()
+        if self.rollout_engine is not None:
+            self.rollout_engine.shutdown()
+        for pg in {id(p.pg): p.pg for p in self.placements.values()}.values():
+            remove_placement_group(pg)

@@ -1,0 +1,232 @@
+"""The four PPO roles as Ray actor classes (each in its own process; see ``actors.group`` for placement).
+
+Trainable roles (policy, critic) hold a DeepSpeed engine; their replicas form one torch.distributed group
+(gloo on CPU, NCCL on GPU) and are data parallel: each trains on its shard and DeepSpeed averages gradients.
+Frozen roles (reward, reference) are plain eval-mode transformers models; their replicas score shards
+independently.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+
+from actors import algos
+from actors.ppo import rollout
+
+Batch = dict[str, torch.Tensor]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _cpu(batch: Batch) -> Batch:
+    return {k: v.detach().cpu() for k, v in batch.items()}
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / max(len(values), 1))
+
+
+class _TrainableRole:
+    """DeepSpeed engine over one model, one rank of a data-parallel group."""
+
+    def __init__(self, model_dir: str, cfg: dict[str, Any], rank: int, world_size: int, seed: int):
+        self.model_dir, self.cfg, self.rank, self.world_size = model_dir, cfg, rank, world_size
+        self.seed = seed
+        self.engine = None
+
+    def master_address(self) -> tuple[str, int]:
+        """This replica's address and a free port: rank 0 hosts the group's torch.distributed rendezvous."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        import deepspeed
+
+        from pipelines.train.engine import build_ds_config, skip_cpu_shm_comm_build
+        from cluster.schemas.train import TrainConfig
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        skip_cpu_shm_comm_build()
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False)
+        torch.manual_seed(self.seed + self.rank)
+        model = self.load_model().to(_device())
+        lr = self.cfg["lr"]
+        # Reuse the pretraining engine's DeepSpeed config derivation: one place decides ZeRO/precision keys.
+        train_cfg = TrainConfig(micro_batch_size=self.cfg["micro_batch_size"], zero_stage=self.cfg["zero_stage"],
+                                grad_clip=self.cfg["grad_clip"], lr=lr, min_lr=lr, warmup_steps=0,
+                                precision=self.cfg["precision"])
+        ds_config = build_ds_config(train_cfg, self.world_size)
+        # torch AdamW as the client optimizer: a DeepSpeed config optimizer would JIT-compile FusedAdam.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    def load_model(self):
+        raise NotImplementedError
+
+    def param_checksum(self) -> float:
+        """Sum of |w| over all weights: lets tests see that training changed (or did not change) a model."""
+        return float(sum(p.detach().abs().sum().item() for p in self.engine.module.parameters()))
+
+    def save_checkpoint(self, path: str, tag: str) -> None:
+        self.engine.save_checkpoint(path, tag=tag)  # every rank writes its ZeRO shard
+
+    def load_checkpoint(self, path: str, tag: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(path, tag=tag)
+        if load_path is None:
+            raise FileNotFoundError(f"ppo checkpoint: nothing to load at {path}/{tag}")
+
+    def export(self, out_dir: str) -> None:
+        """Write the model in the Hugging Face format (rank 0; weights are whole under ZeRO 0-2)."""
+        from transformers import AutoTokenizer
+
+        if self.rank == 0:
+            self.engine.module.save_pretrained(out_dir)
+            AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(out_dir)
+
+
+class PolicyActor(_TrainableRole):
+    """The trainable policy: samples rollouts (transformers ``generate``) and takes clipped PPO steps."""
+
+    def load_model(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        return AutoModelForCausalLM.from_pretrained(self.model_dir)
+
+    def generate(self, prompts: Batch) -> Batch:
+        """Sample responses to left-padded ``prompt_ids``/``prompt_mask``, then score them under this
+        (pre-update) policy: the PPO "old" log-probs."""
+        cfg, model = self.cfg, self.engine.module
+        prompts = _to(prompts, _device())
+        out = rollout.generate(model, prompts["prompt_ids"], prompts["prompt_mask"], pad_id=self.pad_id,
+                               eos_id=self.eos_id, max_new_tokens=cfg["max_new_tokens"],
+                               temperature=cfg["temperature"], top_p=cfg["top_p"])
+        out = _cpu(out)
+        out["logprobs"] = self.rollout_logprobs(out)
+        return out
+
+    def special_ids(self) -> tuple[int, int]:
+        return self.pad_id, self.eos_id
+
+    def rollout_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Log-probs of responses sampled elsewhere (vLLM engines) under this policy."""
+        model = self.engine.module
+        model.eval()
+        with torch.no_grad():
+            logprobs, _ = rollout.response_logprobs(model, _to(batch, _device()), self.cfg["temperature"])
+        model.train()
+        return logprobs.cpu()
+
+    def train(self, batch: Batch, kl_coef: float = 0.0) -> dict[str, float]:
+        """``ppo_epochs`` passes of clipped-surrogate steps over this replica's shard, one step per micro-batch."""
+        cfg, stats = self.cfg, {"policy_loss": [], "clip_frac": [], "approx_kl": [], "entropy": []}
+        self.engine.train()
+        for _ in range(cfg["ppo_epochs"]):
+            for mb in rollout.micro_batches(_to(batch, self.engine.device), cfg["micro_batch_size"]):
+                mask = mb["response_mask"].float()
+                logprobs, entropy = rollout.response_logprobs(self.engine, mb, cfg["temperature"], with_entropy=True)
+                loss, s = algos.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cfg["clip_eps"])
+                if cfg["kl_mode"] == "loss":  # KL to the reference as a loss term instead of a reward penalty
+                    kl = algos.kl_estimate(logprobs, mb["ref_logprobs"], cfg["kl_estimator"])
+                    loss = loss + kl_coef * algos.masked_mean(kl, mask)
+                self.engine.backward(loss)
+                self.engine.step()
+                stats["policy_loss"].append(loss.item())
+                stats["clip_frac"].append(s["clip_frac"].item())
+                stats["approx_kl"].append(s["approx_kl"].item())
+                stats["entropy"].append(algos.masked_mean(entropy.detach(), mask).item())
+        return {k: _mean(v) for k, v in stats.items()}
+
+    def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
+        """All weights in one dict (one object-store put) for rollout engines outside this process."""
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+
+
+class CriticActor(_TrainableRole):
+    """The trainable value model, initialised from the reward model (same body + scalar head)."""
+
+    def load_model(self):
+        from pipelines.reward.model import load_reward_model
+
+        return load_reward_model(self.model_dir)
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        self.engine.module.eval()
+        with torch.no_grad():
+            values = rollout.response_values(self.engine.module, _to(batch, _device()))
+        self.engine.module.train()
+        return values.cpu()
+
+    def train(self, batch: Batch) -> dict[str, float]:
+        cfg, stats = self.cfg, {"value_loss": [], "vf_clip_frac": []}
+        self.engine.train()
+        for _ in range(cfg["ppo_epochs"]):
+            for mb in rollout.micro_batches(_to(batch, self.engine.device), cfg["micro_batch_size"]):
+                values = rollout.response_values(self.engine.module, mb)
+                loss, s = algos.value_loss(values, mb["values"], mb["returns"], mb["response_mask"].float(),
+                                           cfg["value_clip_eps"])
+                self.engine.backward(loss)
+                self.engine.step()
+                stats["value_loss"].append(loss.item())
+                stats["vf_clip_frac"].append(s["vf_clip_frac"].item())
+        return {k: _mean(v) for k, v in stats.items()}
+
+
+class _FrozenRole:
+    def __init__(self, model_dir: str, cfg: dict[str, Any]):
+        self.model_dir, self.cfg = model_dir, cfg
+        self.model = self.load_model().to(_device()).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def load_model(self):
+        raise NotImplementedError
+
+    def param_checksum(self) -> float:
+        return float(sum(p.abs().sum().item() for p in self.model.parameters()))
+
+
+class RewardActor(_FrozenRole):
+    """The frozen reward model: one scalar per (prompt + response)."""
+
+    def load_model(self):
+        from pipelines.reward.model import load_reward_model
+
+        return load_reward_model(self.model_dir)
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> torch.Tensor:
+        from pipelines.reward.model import sequence_scores
+
+        b = _to(batch, _device())
+        return sequence_scores(self.model, b["sequences"], b["attention_mask"]).cpu()
+
+
+class ReferenceActor(_FrozenRole):
+    """The frozen SFT model: per-token log-probs that the KL penalty is measured against."""
+
+    def load_model(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_dir)
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        logprobs, _ = rollout.response_logprobs(self.model, _to(batch, _device()), self.cfg["temperature"])
+        return logprobs.cpu()

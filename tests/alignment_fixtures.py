@@ -1,0 +1,88 @@
+"""Tiny Hugging Face models for the alignment tests, built locally in seconds (no downloads).
+
+A byte-level BPE tokenizer trained on a few hundred lines, with a chat template that marks assistant turns with
+``{% generation %}`` (so ``return_assistant_tokens_mask`` works), and LLaMA models a few thousand parameters big.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}\n"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+def corpus_lines() -> list[str]:
+    import json
+    import os.path
+    import textwrap
+
+    lines = []
+    for mod in (json, os.path, textwrap):
+        for name in sorted(dir(mod)):
+            doc = getattr(getattr(mod, name), "__doc__", None)
+            if name.startswith("_") or not doc:
+                continue
+            lines.append(f"What does `{mod.__name__}.{name}` do? {doc.strip().splitlines()[0]}")
+    return lines
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus_lines() * 2, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>",
+                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def llama_config(tokenizer, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                  tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_causal_lm(out_dir: Path, seed: int = 0) -> Path:
+    """A random tiny ``LlamaForCausalLM`` + tokenizer in ``out_dir`` (the shape of ``<run-dir>/pretrain/model``)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(llama_config(tokenizer)).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_reward_model(lm_dir: Path, out_dir: Path, seed: int = 1) -> Path:
+    """The causal LM's body with a fresh scalar head (the shape of ``<run-dir>/reward/model``)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the fresh head is expected; transformers reports it as MISSING
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification.from_pretrained(lm_dir, num_labels=1)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(lm_dir).save_pretrained(out_dir)
+    return Path(out_dir)
