@@ -4,8 +4,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name}: must be > 0, got {getattr(obj, name)}")
+
+
 @dataclass(kw_only=True)
 class AutoscalingConfig:
+    """Serve autoscaling of the LLMEngine deployment (see serve/app.py)."""
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 4
@@ -16,29 +23,62 @@ class AutoscalingConfig:
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"min_replicas: need 0 <= min_replicas <= max_replicas, got "
                              f"{self.min_replicas} > {self.max_replicas}")
+        if self.max_replicas < 1:
+            raise ValueError(f"max_replicas: must be >= 1, got {self.max_replicas}")
+        _positive(self, "target_ongoing_requests")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+    def to_serve(self) -> dict:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
 
 
 @dataclass(kw_only=True)
 class ServeConfig:
-    model: str | None = None  # HF model dir; None: the latest stage of the run that has a model
-    engine: Literal["hf", "vllm"] = "hf"
+    model: str | None = None  # HF model dir; None: <run-dir>/ppo/model, else the latest stage with a model
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: Ray Serve LLM (needs the vllm package and a GPU)
     host: str = "127.0.0.1"
     port: int = 8000
-    model_name: str = "raylm"
+    model_name: str = "raylm"  # the id clients pass as "model"
+    # The API key itself never lives in the recipe: it is read from this env var, else from this file.
     api_key_env: str = "RAYLM_API_KEY"
     api_key_file: str | None = None
+    # LLMEngine replicas (autoscaled)
     num_cpus: float = 1
     num_gpus: float = 0
-    max_ongoing_requests: int = 32
+    max_ongoing_requests: int = 32  # per engine replica; >= max_batch_size
+    max_queued_requests: int = 64  # per caller, beyond ongoing; more -> 429 (-1: unbounded)
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
-    request_timeout_s: float = 60
+    # OpenAIIngress (HTTP + demo): fixed replicas, light on CPU (tokenizing and JSON only)
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.1
+    request_timeout_s: float = 60  # whole request, queueing included; past it -> 503
     max_prompt_tokens: int = 192
     max_new_tokens: int = 128
     max_body_bytes: int = 1_000_000
-    demo: bool = True
+    demo: bool = True  # the Gradio chat demo at /demo
+    demo_api_url: str | None = None  # where the demo calls the API; None: http://127.0.0.1:<port>/v1
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port: must be in 1..65535, got {self.port}")
+        _positive(self, "num_cpus", "max_ongoing_requests", "max_batch_size", "ingress_replicas",
+                  "ingress_num_cpus", "request_timeout_s", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus: must be >= 0, got {self.num_gpus}")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests: {self.max_ongoing_requests} < max_batch_size="
+                             f"{self.max_batch_size} would keep batches from filling")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ValueError(f"max_queued_requests: must be -1 (unbounded) or > 0, got {self.max_queued_requests}")
+        if not self.model_name or "/" in self.model_name and self.model_name.startswith("/"):
+            raise ValueError(f"model_name: must be a non-empty id, got {self.model_name!r}")
+        if not self.api_key_env:
+            raise ValueError("api_key_env: must name an environment variable")

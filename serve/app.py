@@ -1,0 +1,106 @@
+"""The Ray Serve application: ``serve.app:build_app`` (the import path KubeRay's RayService uses).
+
+One application, APP_NAME, of two deployments whose names are stable (serveConfigV2 and dashboards refer to them):
+
+- ``OpenAIIngress`` (ingress, ``ingress_replicas`` fixed replicas): the HTTP routes (/v1/chat/completions,
+  /v1/completions, /v1/models, /health), the API key check, input limits, Prometheus metrics, and the Gradio
+  demo mounted at /demo. It tokenizes and validates, then streams from the engine through a handle.
+- ``LLMEngine`` (autoscaled from ``serve.autoscaling``): the model; requests are batched with ``@serve.batch``
+  and each request's tokens stream back as they are generated.
+
+``serve.engine: vllm`` replaces both with Ray Serve LLM's OpenAI app (``ray.serve.llm``) on the same routes.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.recipe import load_recipe
+from cluster.schemas.serve import ServeConfig
+
+APP_NAME = "raylm"
+INGRESS = "OpenAIIngress"
+ENGINE = "LLMEngine"
+
+
+@serve.deployment(name=ENGINE)
+class LLMEngine:
+    """Holds one copy of the model; generates for batches of requests."""
+
+    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float):
+        from serve.engine import Engine
+
+        self.engine = Engine(model_dir)
+        self._batch.set_max_batch_size(max_batch_size)
+        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """request: {"prompt_ids": [...], "params": SamplingParams fields}. Yields
+        {"text", "completion_tokens", "finish_reason"} per step that produced something."""
+        async for delta in self._batch(request):
+            yield delta
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batch(self, requests: list[dict]) -> AsyncIterator[list]:
+        from serve.engine import SamplingParams
+
+        steps = self.engine.generate_stream([r["prompt_ids"] for r in requests],
+                                            [SamplingParams(**r["params"]) for r in requests])
+        while True:
+            # The forward pass runs in a thread so this replica's event loop keeps taking requests meanwhile.
+            step = await asyncio.to_thread(next, steps, None)
+            if step is None:
+                return
+            yield [StopIteration if d is None else
+                   {"text": d.text, "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason}
+                   for d in step]
+
+    def check_health(self) -> None:
+        if self.engine.model is None:
+            raise RuntimeError("model not loaded")
+
+
+def _ingress_class():
+    # Imported here: the ingress pulls in FastAPI/gradio, which the engine replicas need not load.
+    from serve.ingress import OpenAIIngress
+    return OpenAIIngress
+
+
+def build_from_config(cfg: ServeConfig, model_dir: str | Path) -> Application:
+    """The bound application for a validated ServeConfig and a model dir."""
+    model_dir = str(Path(model_dir).resolve())
+    if not (Path(model_dir) / "config.json").exists():
+        raise FileNotFoundError(f"serve: {model_dir} is not a Hugging Face model dir (no config.json)")
+    if cfg.engine == "vllm":
+        from serve.vllm_app import build_vllm_app
+        return build_vllm_app(cfg, model_dir)
+    engine = LLMEngine.options(
+        autoscaling_config=cfg.autoscaling.to_serve(),
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    ).bind(model_dir, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    ingress = serve.deployment(_ingress_class(), name=INGRESS).options(
+        num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=max(256, 4 * cfg.max_ongoing_requests),  # async I/O only: many in flight is fine
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
+    )
+    from cluster.config import to_dict
+    return ingress.bind(engine, model_dir, to_dict(cfg))
+
+
+def build_app(args: dict) -> Application:
+    """Application builder for ``serve run`` / KubeRay: args = {"config": recipe path (default: the tiny-cpu
+    recipe), "overrides": ["serve.port=8000", ...], "model": model dir (default: the recipe's serve.model)}."""
+    unknown = set(args) - {"config", "overrides", "model"}
+    if unknown:
+        raise ValueError(f"build_app: unknown args {sorted(unknown)}; expected config, overrides, model")
+    recipe = load_recipe(args.get("config"), list(args.get("overrides") or []))
+    model_dir = args.get("model") or recipe.serve.model
+    if not model_dir:
+        raise ValueError("build_app: no model: pass args.model or set serve.model in the recipe")
+    return build_from_config(recipe.serve, model_dir)

@@ -1,0 +1,97 @@
+"""``raylm serve``: deploy the run's model (or ``--model DIR``) as the ``raylm`` Serve application, wait until
+it answers, print the API and demo URLs, and block until Ctrl-C (``ctx.options["block"]`` false: return)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cluster.config import atomic_write_json
+from cluster.runtime import init_ray
+from cluster.stage import StageContext
+
+log = logging.getLogger("raylm.serve")
+HEALTH_TIMEOUT_S = 120
+
+
+def resolve_model_dir(ctx: StageContext) -> Path:
+    """``serve.model`` (--model), else ``<run-dir>/ppo/model``, else the latest stage with a model."""
+    explicit = ctx.recipe.serve.model
+    if explicit:
+        path = Path(explicit).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"serve.model: {path} is not a Hugging Face model dir (no config.json)")
+        return path
+    found = ctx.run_dir.latest_model()  # ppo first, then sft, then pretrain
+    if found is None:
+        raise FileNotFoundError(f"serve: no trained model in {ctx.run_dir.root} (looked for ppo/, sft/, "
+                                f"pretrain/ model dirs); train one or pass --model DIR")
+    return found
+
+
+def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """Poll the health route until it answers 200 (the proxy may route a moment after serve.run returns)."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        time.sleep(0.25)  # poll interval, bounded by the deadline above
+    raise TimeoutError(f"serve: {url} did not become healthy within {timeout_s:g} s ({last})")
+
+
+def endpoint_urls(host: str, port: int) -> dict:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}"
+    return {"api": f"{base}/v1", "demo": f"{base}/demo/", "health": f"{base}/health"}
+
+
+def deploy(ctx: StageContext) -> dict:
+    """Start (or update) the application; return its URLs once healthy."""
+    from ray import serve
+
+    from serve.app import APP_NAME, build_from_config
+    from serve.ingress import read_api_key
+
+    cfg = ctx.recipe.serve
+    model_dir = resolve_model_dir(ctx)
+    read_api_key(cfg)  # a missing key file fails here, not in a replica
+    init_ray(ctx.recipe.ray, ctx.address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_from_config(cfg, model_dir), name=APP_NAME, route_prefix="/")
+    urls = endpoint_urls(cfg.host, cfg.port)
+    wait_healthy(urls["health"])
+    info = {**urls, "model": str(model_dir), "model_name": cfg.model_name, "app": APP_NAME}
+    atomic_write_json(ctx.stage_dir("serve") / "endpoint.json", info)
+    return info
+
+
+def run(ctx: StageContext) -> dict:
+    info = deploy(ctx)
+    print(f"raylm serve: model {info['model']}\n  API:  {info['api']}  (OpenAI-compatible, model "
+          f"{info['model_name']!r})\n  demo: {info['demo']}", flush=True)
+    if ctx.options.get("block", True):
+        _block_until_interrupted()
+    return {"api": info["api"], "demo": info["demo"], "model": info["model"]}
+
+
+def _block_until_interrupted() -> None:
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    print("raylm serve: serving; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)  # nothing to poll: the app runs in Ray; we only wait for Ctrl-C
+    except KeyboardInterrupt:
+        log.info("stopping the %s application", APP_NAME)
+        serve.delete(APP_NAME)
+        print(json.dumps({"stopped": APP_NAME}), flush=True)
