@@ -1,0 +1,1 @@
+"""The reusable training engine (Ray Train + DeepSpeed); see ``pipelines.train.engine``."""

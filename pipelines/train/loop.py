@@ -1,0 +1,166 @@
+"""The per-worker training loop that Ray Train runs on every rank (see ``engine.fit``)."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from cluster.rundir import MetricsLog
+from cluster.schemas.train import TrainConfig
+from pipelines.train.checkpoint import Position, restore, save_and_report
+from pipelines.train.data import BatchStream, first_batches
+from pipelines.train.ds_config import build_ds_config
+from pipelines.train.flops import mfu, peak_flops
+from pipelines.train.schedule import warmup_cosine
+from pipelines.train.shm import skip_cpu_shm_comm_build
+from pipelines.train.task import TrainTask, to_device
+from pipelines.train.weights import full_state_dict
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _set_dist_env(ctx) -> None:
+    # Ray Train has already built the torch process group; DeepSpeed still reads these for device placement.
+    os.environ.setdefault("RANK", str(ctx.get_world_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(ctx.get_world_size()))
+    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(ctx.get_local_world_size()))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices and embeddings, never norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_stages: int):
+    import deepspeed
+
+    model = task.build_model()
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = cfg.activation_checkpointing
+    if pipeline_stages > 1:
+        if task.pipeline_layers is None or task.pipeline_loss is None:
+            raise ValueError("pipeline_stages: this stage's task does not support pipeline parallelism")
+        from deepspeed.pipe import PipelineModule
+
+        model = PipelineModule(layers=task.pipeline_layers(model), num_stages=pipeline_stages,
+                               loss_fn=task.pipeline_loss, partition_method="parameters",
+                               activation_checkpoint_interval=int(cfg.activation_checkpointing))
+    betas = tuple(cfg.betas) if cfg.betas else (0.9, 0.95)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=warmup_cosine(optimizer, cfg),
+        config=build_ds_config(cfg, world_size, pipeline_stages))
+    return engine
+
+
+def _mean_over_ranks(value: float, count: float = 1.0) -> float:
+    pair = torch.tensor([value * count, count], dtype=torch.float64)
+    dist.all_reduce(pair)
+    return float(pair[0] / pair[1]) if pair[1] > 0 else float("nan")
+
+
+def train_step(engine, task: TrainTask, stream: BatchStream, cfg: TrainConfig, pipeline: bool) -> float:
+    """One optimizer step (``grad_accum`` micro-batches); returns the mean loss over all ranks."""
+    if pipeline:
+        # PipelineEngine pulls grad_accum micro-batches itself and returns the loss averaged over data ranks.
+        return float(engine.train_batch(data_iter=stream))
+    losses = []
+    for _ in range(cfg.grad_accum):
+        loss, _ = task.loss_fn(engine, next(stream))
+        engine.backward(loss)
+        engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+        losses.append(float(loss.detach()))
+    return _mean_over_ranks(sum(losses) / len(losses))
+
+
+@torch.no_grad()
+def evaluate(engine, task: TrainTask, cfg: TrainConfig, dp_rank: int, dp_world: int, pipeline: bool) -> dict:
+    batches = first_batches(task, "validation", dp_rank, dp_world, cfg.eval_batches)
+    # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively).
+    count = torch.tensor([len(batches)])
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    batches = batches[: int(count)]
+    if not batches:
+        return {}
+    device = engine.device
+    if pipeline:
+        loss = engine.eval_batch(iter([to_device(b, device) for b in batches]), num_micro_batches=len(batches))
+        val_loss = _mean_over_ranks(float(loss))
+    else:
+        engine.eval()
+        total = sum(float(task.loss_fn(engine, to_device(b, device))[0]) for b in batches)
+        engine.train()
+        val_loss = _mean_over_ranks(total / len(batches))
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``; ``config`` is built by ``engine.fit``."""
+    task: TrainTask = config["task"]
+    cfg: TrainConfig = config["cfg"]
+    pipeline_stages: int = config["pipeline_stages"]
+    pipeline = pipeline_stages > 1
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _set_dist_env(ctx)
+    torch.set_num_threads(cfg.cpus_per_worker)
+    skip_cpu_shm_comm_build()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=config["backend"])  # wraps the process group Ray Train made
+    seed_everything(config["seed"])
+    engine = build_engine(task, cfg, world, pipeline_stages)
+    dp_rank, dp_world = (engine.grid.data_parallel_id, engine.grid.data_parallel_size) if pipeline else (rank, world)
+    position = restore(engine, rank) or Position()
+    stream = BatchStream(task, "train", dp_rank, dp_world, engine.device, position.epoch, position.index)
+    log = MetricsLog(Path(config["stage_dir"])) if rank == 0 else None
+    peak = peak_flops(engine.device)
+    peak_total = peak * world if peak else None
+    while position.step < cfg.max_steps:
+        t0, tokens0, lr = time.perf_counter(), stream.tokens, engine.get_lr()[0]  # lr of this step
+        loss = train_step(engine, task, stream, cfg, pipeline)
+        seconds = time.perf_counter() - t0
+        position = Position(position.step + 1, stream.epoch, stream.index)
+        tokens_per_s = (stream.tokens - tokens0) * dp_world / seconds
+        record = {"step": position.step, "loss": loss, "lr": lr, "epoch": stream.epoch,
+                  "grad_norm": _grad_norm(engine), "tokens_per_s": tokens_per_s, "step_s": seconds,
+                  "mfu": mfu(task.flops_per_token, tokens_per_s, peak_total)}
+        last = position.step == cfg.max_steps
+        if position.step % cfg.eval_every == 0 or last:
+            record.update(evaluate(engine, task, cfg, dp_rank, dp_world, pipeline))
+        record = {k: v for k, v in record.items() if v is not None}
+        if log:
+            log.log(record)
+        if position.step % cfg.checkpoint_every == 0 or last:
+            save_and_report(engine, record, position, rank)
+        elif "val_loss" in record:
+            # Only evals and checkpoints go to Ray Train: each report waits for the controller to take the
+            # previous one, and it polls every 2 s (Ray 2.60), so a report per step would cap training at 0.5
+            # steps/s. Every step is in metrics.jsonl and TensorBoard.
+            ray.train.report(record)
+    if config["export_dir"] and task.export is not None:
+        state = full_state_dict(engine, task, pipeline)  # collective; the full weights on rank 0 only
+        if rank == 0:
+            task.export(state, Path(config["export_dir"]))
+    if log:
+        log.close()
