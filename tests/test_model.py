@@ -62,7 +62,7 @@ def test_init_is_deterministic_from_the_seed():
 
 
 def test_init_scales_residual_projections():
-    cfg = ModelConfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=4, ffn_dim=512, init_std=0.02)
+    cfg = ModelConfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=4, ffn_dim=256, init_std=0.02)
     model = build_model(cfg, VOCAB, seed=0)
     assert model.layers[0].attn.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
     expected = 0.02 / math.sqrt(2 * cfg.n_layers)
