@@ -1,7 +1,7 @@
 """Tiny Hugging Face models for the alignment tests, built locally in seconds (no downloads).
 
-A byte-level BPE tokenizer trained on a few hundred lines, with a chat template that marks assistant turns with
-``{% generation %}`` (so ``return_assistant_tokens_mask`` works), and LLaMA models a few thousand parameters big.
+The project's tokenizer (``pipelines.tokenizer``: byte-level BPE, chat template with ``{% generation %}`` tags)
+trained on a few hundred lines, and LLaMA models a few thousand parameters big.
 """
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}\n"
-    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 
 def corpus_lines() -> list[str]:
@@ -35,19 +27,10 @@ def corpus_lines() -> list[str]:
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The project's tokenizer (byte-level BPE + raylm chat template), trained on a few hundred docstring lines."""
+    from pipelines.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus_lines() * 2, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>",
-                                   pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
-    fast.save_pretrained(out_dir)
-    return fast
+    return train_tokenizer(corpus_lines() * 2, out_dir, vocab_size=vocab_size)
 
 
 def llama_config(tokenizer, **overrides):

@@ -1,0 +1,107 @@
+"""SFT data: read chat records (JSONL, JSONL.gz or parquet), render them with the tokenizer's chat template, and
+keep the loss on assistant tokens only (``{% generation %}`` marks them; transformers returns the mask).
+
+Record shapes: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}`` or
+``{"prompt": ..., "response": ...}``. A bad record raises ``ValueError`` naming the file, line and field.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+IGNORE = -100  # label of tokens without loss (transformers' CrossEntropy ignore_index)
+ROLES = ("system", "user", "assistant")
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for each record of a .jsonl / .jsonl.gz / .json / .parquet file; ``where`` is file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path}:row {i}", row
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        if path.suffix == ".json":
+            data = json.load(fh)
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: a .json data file must hold a list of records")
+            for i, row in enumerate(data, 1):
+                yield f"{path}:record {i}", row
+            return
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: each line must be a JSON object")
+            yield f"{path}:{i}", row
+
+
+def to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A record as a validated chat (list of role/content dicts) ending with at least one assistant turn."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: messages: must be a non-empty list")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: messages[{j}]: needs role in {list(ROLES)} and a string content")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    elif "prompt" in record and "response" in record:
+        if not isinstance(record["prompt"], str) or not isinstance(record["response"], str):
+            raise ValueError(f"{where}: prompt/response: must be strings")
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["response"]}]
+    else:
+        raise ValueError(f"{where}: needs a `messages` list or `prompt` and `response` fields "
+                         f"(found: {sorted(record)})")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: messages: no assistant turn to learn from")
+    return messages
+
+
+def read_chats(path: str | Path) -> list[list[dict[str, str]]]:
+    return [to_messages(record, where) for where, record in iter_records(path)]
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]], max_len: int) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) with labels = IGNORE outside assistant replies; truncated to ``max_len``.
+
+    None when truncation leaves no assistant token (nothing to learn from the example).
+    """
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"])[:max_len], list(out["assistant_masks"])[:max_len]
+    if not any(mask):
+        return None
+    return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """Concatenate examples into rows of exactly ``max_len`` tokens (the last row may be shorter).
+
+    Attention is not reset at example boundaries (no varlen attention on CPU); every example starts with BOS
+    from the chat template, which is what the model sees as a document start in pretraining too.
+    """
+    rows: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex_ids, ex_labels in examples:
+        ids += ex_ids
+        labels += ex_labels
+        while len(ids) >= max_len:
+            rows.append((ids[:max_len], labels[:max_len]))
+            ids, labels = ids[max_len:], labels[max_len:]
+    if ids and any(label != IGNORE for label in labels):
+        rows.append((ids, labels))
+    return rows

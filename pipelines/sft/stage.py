@@ -1,0 +1,83 @@
+"""``raylm sft``: supervised fine-tuning of ``<run-dir>/pretrain/model`` on chat data -> ``<run-dir>/sft/model``.
+
+Training runs on the shared engine (Ray Train + DeepSpeed, ``pipelines.train.engine.fit``): resume, metrics
+(loss, val_loss on held-out chats), checkpoints and export all come from there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+from cluster.stage import StageContext
+from pipelines.sft.builtin_qa import builtin_pairs, is_held_out, split_pairs
+from pipelines.sft.data import encode_chat, pack, read_chats
+from pipelines.sft.task import count_tokens, export_hf_model, load_causal_lm, save_split, sft_batches, sft_loss
+
+log = logging.getLogger("raylm")
+
+
+def split_chats(data: str | None, val_fraction: float) -> tuple[list, list]:
+    """(train, validation) chats: from ``data`` (held out by a stable hash of each chat) or the built-in Q/A."""
+    if data:
+        chats = read_chats(data)
+        if not chats:
+            raise ValueError(f"sft.data: {data} holds no records")
+        held = [is_held_out(json.dumps(c, sort_keys=True), val_fraction) for c in chats]
+        return [c for c, h in zip(chats, held) if not h], [c for c, h in zip(chats, held) if h]
+    train, val = split_pairs(builtin_pairs(), val_fraction)
+    return [p.messages() for p in train], [p.messages() for p in val]
+
+
+def encode_all(tokenizer, chats: list, max_len: int) -> list[tuple[list[int], list[int]]]:
+    return [ex for ex in (encode_chat(tokenizer, c, max_len) for c in chats) if ex is not None]
+
+
+def model_max_len(model_dir: Path) -> int:
+    return json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+
+
+def prepare(ctx: StageContext, base: Path) -> tuple[Path, dict]:
+    """Tokenize the chats once, on the driver, into ``<stage_dir>/data``; returns the dir, counts and pad id."""
+    from transformers import AutoTokenizer
+
+    cfg = ctx.recipe.sft
+    if cfg.max_len > model_max_len(base):
+        raise ValueError(f"sft.max_len: {cfg.max_len} exceeds the model's max_position_embeddings "
+                         f"({model_max_len(base)}, {base / 'config.json'})")
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    train_chats, val_chats = split_chats(cfg.data, cfg.val_fraction)
+    train, val = encode_all(tokenizer, train_chats, cfg.max_len), encode_all(tokenizer, val_chats, cfg.max_len)
+    if cfg.packing:
+        train = pack(train, cfg.max_len)
+    need = cfg.num_workers * cfg.micro_batch_size
+    if len(train) < need or len(val) < need:
+        raise ValueError(f"sft.data: {len(train)} training / {len(val)} validation examples; each needs at least "
+                         f"num_workers x micro_batch_size = {need} (more data, or a larger sft.val_fraction)")
+    data_dir = ctx.stage_dir("sft") / "data"
+    save_split(data_dir, "train", train)
+    save_split(data_dir, "validation", val)
+    return data_dir, {"train_examples": len(train), "val_examples": len(val), "pad_id": tokenizer.pad_token_id}
+
+
+def run(ctx: StageContext) -> dict:
+    from pipelines.train.engine import TrainTask, fit
+
+    cfg, recipe = ctx.recipe.sft, ctx.recipe
+    base = ctx.run_dir.require_model("pretrain", "sft")
+    data_dir, counts = prepare(ctx, base)
+    pad_id = counts.pop("pad_id")
+    log.info("sft: %d training / %d validation examples from %s", counts["train_examples"],
+             counts["val_examples"], cfg.data or "the built-in Q/A pairs")
+    task = TrainTask(
+        build_model=partial(load_causal_lm, str(base)),
+        loss_fn=sft_loss,
+        batches=partial(sft_batches, data_dir=str(data_dir), micro_batch_size=cfg.micro_batch_size,
+                        pad_id=pad_id, seed=recipe.seed),
+        export=partial(export_hf_model, base_dir=str(base), kind="causal"),
+        count_tokens=count_tokens,
+    )
+    summary = fit(task, cfg, ctx.stage_dir("sft"), seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
+                  export_dir=ctx.run_dir.model_dir("sft"))
+    return {**summary, **counts, "model": str(ctx.run_dir.model_dir("sft"))}
