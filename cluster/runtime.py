@@ -15,7 +15,8 @@ WORKING_DIR_EXCLUDES = [
     "*.egg-info/", "build/", "dist/", ".cache/", "test-artifacts/",
 ]
 
-# Environment every Ray worker of ours gets; see docs/platform.md for why.
+# Environment every Ray worker of ours gets: no tokenizer thread pools inside already-parallel workers (they
+# oversubscribe small machines and warn after fork), and no per-step torch FutureWarnings from ZeRO collectives.
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore::FutureWarning",
