@@ -59,13 +59,12 @@ def build_causal_lm(out_dir: Path, seed: int = 0) -> Path:
 def build_reward_model(lm_dir: Path, out_dir: Path, seed: int = 1) -> Path:
     """The causal LM's body with a fresh scalar head (the shape of ``<run-dir>/reward/model``)."""
     import torch
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
+    from transformers import AutoTokenizer
 
-    from transformers.utils import logging as hf_logging
+    from pipelines.reward.model import init_reward_model
 
-    hf_logging.set_verbosity_error()  # the fresh head is expected; transformers reports it as MISSING
     torch.manual_seed(seed)
-    model = LlamaForSequenceClassification.from_pretrained(lm_dir, num_labels=1)
+    model = init_reward_model(lm_dir)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(lm_dir).save_pretrained(out_dir)
     return Path(out_dir)

@@ -40,8 +40,14 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 def init_reward_model(lm_dir: str | Path):
     """A reward model from a causal LM dir: its body, plus a fresh scalar head."""
     from transformers import LlamaForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    return LlamaForSequenceClassification.from_pretrained(str(lm_dir), num_labels=1)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers reports the fresh head as MISSING: that is the point here
+    try:
+        return LlamaForSequenceClassification.from_pretrained(str(lm_dir), num_labels=1)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_reward_model(path: str | Path):

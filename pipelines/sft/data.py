@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 IGNORE = -100  # label of tokens without loss (transformers' CrossEntropy ignore_index)
 ROLES = ("system", "user", "assistant")
+T = TypeVar("T")
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -105,3 +107,13 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[tupl
     if ids and any(label != IGNORE for label in labels):
         rows.append((ids, labels))
     return rows
+
+
+def hash_split(items: list[T], key: Callable[[T], str], fraction: float, min_held: int = 1
+               ) -> tuple[list[T], list[T]]:
+    """(kept, held-out): the ``round(len * fraction)`` items (at least ``min_held``) with the smallest stable
+    hash of ``key(item)`` are held out; the order of the file does not matter, and the count is exact."""
+    ranked = sorted(range(len(items)), key=lambda i: (zlib.crc32(key(items[i]).encode()), i))
+    n_held = min(len(items) - 1, max(min_held, round(len(items) * fraction)))
+    held = set(ranked[:n_held])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

@@ -11,8 +11,8 @@ from functools import partial
 from pathlib import Path
 
 from cluster.stage import StageContext
-from pipelines.sft.builtin_qa import builtin_pairs, is_held_out, split_pairs
-from pipelines.sft.data import encode_chat, pack, read_chats
+from pipelines.sft.builtin_qa import builtin_pairs, split_pairs
+from pipelines.sft.data import encode_chat, hash_split, pack, read_chats
 from pipelines.sft.task import count_tokens, export_hf_model, load_causal_lm, save_split, sft_batches, sft_loss
 
 log = logging.getLogger("raylm")
@@ -24,8 +24,7 @@ def split_chats(data: str | None, val_fraction: float) -> tuple[list, list]:
         chats = read_chats(data)
         if not chats:
             raise ValueError(f"sft.data: {data} holds no records")
-        held = [is_held_out(json.dumps(c, sort_keys=True), val_fraction) for c in chats]
-        return [c for c, h in zip(chats, held) if not h], [c for c, h in zip(chats, held) if h]
+        return hash_split(chats, lambda c: json.dumps(c, sort_keys=True), val_fraction)
     train, val = split_pairs(builtin_pairs(), val_fraction)
     return [p.messages() for p in train], [p.messages() for p in val]
 
