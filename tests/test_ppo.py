@@ -90,3 +90,39 @@ def test_four_roles_two_iterations(ray_cluster, tiny_models):
     for key in ("reward_mean", "reward_std", "entropy", "clip_frac", "value_loss", "response_len", "samples_per_s",
                 "time_generate", "time_score", "time_train", "time_sync"):
         assert key in second
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_grpo_stage_checkpoints_resumes_and_exports(ray_cluster, tiny_models, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from actors.ppo.stage import run
+    from cluster.recipe import load_recipe
+    from cluster.rundir import RunDir, read_metrics
+    from cluster.stage import StageContext
+
+    lm, rm = tiny_models
+    run_dir = RunDir.create(tmp_path / "run")
+    shutil.copytree(lm, run_dir.model_dir("sft"))
+    shutil.copytree(rm, run_dir.model_dir("reward"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What does `json.{n}` do?"}) + "\n"
+                               for n in ("dumps", "loads", "dump", "load")))
+    base = ["ppo.algorithm=grpo", "ppo.rollout_batch_size=4", "ppo.group_size=2", "ppo.max_new_tokens=6",
+            "ppo.micro_batch_size=4", "ppo.checkpoint_every=1", f"ppo.prompts={prompts}", "ppo.actor_lr=1.0e-3",
+            "ppo.kl_mode=loss", "ppo.kl_estimator=k3"]
+    first = run(StageContext(recipe=load_recipe(overrides=base + ["ppo.iterations=1"]), run_dir=run_dir))
+    assert first["resumed_from"] == 0 and first["algorithm"] == "grpo"
+    after_one = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("ppo")).state_dict()
+    second = run(StageContext(recipe=load_recipe(overrides=base + ["ppo.iterations=2"]), run_dir=run_dir))
+    assert second["resumed_from"] == 1
+    assert [m["step"] for m in read_metrics(run_dir.stage("ppo")) if "reward_mean" in m] == [1, 2]
+    assert json.loads((run_dir.stage("ppo") / "checkpoints" / "latest.json").read_text())["tag"] == "iter_000002"
+    after_two = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("ppo")).state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("sft")).state_dict()
+    changed = lambda a, b: any((a[k] - b[k]).abs().max() > 0 for k in a)  # noqa: E731
+    assert changed(after_one, sft) and changed(after_two, after_one)

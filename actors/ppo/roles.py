@@ -82,20 +82,25 @@ class _TrainableRole:
         return float(sum(p.detach().abs().sum().item() for p in self.engine.module.parameters()))
 
     def save_checkpoint(self, path: str, tag: str) -> None:
-        self.engine.save_checkpoint(path, tag=tag)  # every rank writes its ZeRO shard
+        # Every rank writes its ZeRO shard; the sampling RNG rides along so a resumed run draws the same tokens.
+        self.engine.save_checkpoint(path, tag=tag, client_state={"rng": torch.get_rng_state()})
 
     def load_checkpoint(self, path: str, tag: str) -> None:
-        load_path, _ = self.engine.load_checkpoint(path, tag=tag)
+        load_path, client_state = self.engine.load_checkpoint(path, tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"ppo checkpoint: nothing to load at {path}/{tag}")
+        torch.set_rng_state(client_state["rng"])
 
     def export(self, out_dir: str) -> None:
-        """Write the model in the Hugging Face format (rank 0; weights are whole under ZeRO 0-2)."""
+        """Write the model in the Hugging Face format, atomically (rank 0; weights are whole under ZeRO 0-2)."""
         from transformers import AutoTokenizer
 
+        from pipelines.hf_export import staged_directory
+
         if self.rank == 0:
-            self.engine.module.save_pretrained(out_dir)
-            AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(out_dir)
+            with staged_directory(out_dir) as tmp:
+                self.engine.module.save_pretrained(tmp)
+                AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
 
 
 class PolicyActor(_TrainableRole):
