@@ -166,9 +166,29 @@ def prepare_command(command_args: list[str], cwd: Path) -> list[str]:
     return portable_args(args, cwd)
 
 
+def local_excludes(project_root: Path = PROJECT_ROOT) -> list[str]:
+    """Patterns of ``.git/info/exclude``: Ray's upload honours .gitignore files but not this one, and local
+    tools keep large untracked folders there."""
+    path = project_root / ".git" / "info" / "exclude"
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith(("#", "!"))]
+
+
 def runtime_env(extra_env: dict[str, str], pip: list[str], ship_project: bool) -> dict:
+    """The job's runtime_env: the project and the user's --env. Not our worker env vars: the job's driver
+    (`init_ray`) adds those itself, and Ray refuses a driver runtime_env that repeats a job's env var key."""
     env = project_runtime_env(carry_project=ship_project)
-    env["env_vars"].update(extra_env)
+    reserved = set(env.pop("env_vars")) | {"TORCH_EXTENSIONS_DIR"}
+    clash = sorted(reserved & set(extra_env))
+    if clash:
+        raise JobsError(f"--env {clash[0]}: raylm sets it for the job's workers itself; set it on the cluster's "
+                        f"nodes instead")
+    if ship_project:
+        env["excludes"] = env["excludes"] + [e for e in local_excludes() if e not in env["excludes"]]
+    if extra_env:
+        env["env_vars"] = dict(extra_env)
     if pip:
         env["pip"] = list(pip)
     return env

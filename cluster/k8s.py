@@ -232,6 +232,13 @@ def _meta(name: str, component: str) -> dict:
 
 
 def job_runtime_env() -> dict:
+    """A RayJob's runtime_env. The project is in the image and the pods carry our env vars; the driver's
+    `init_ray` sets them for its workers, and Ray refuses a job runtime_env repeating one of those keys. Add
+    pip packages or other env vars here."""
+    return {"config": {"setup_timeout_seconds": 1800, "eager_install": True}}
+
+
+def serve_runtime_env() -> dict:
     return {"env_vars": dict(WORKER_ENV)}
 
 
@@ -287,7 +294,7 @@ def serve_config(recipe: Recipe, recipe_rel: str, overrides: list[str] | None = 
             # The API key comes from the raylm-api-key Secret, mounted as a file (never in the recipe/image).
             "args": {"config": f"{APP_DIR}/{recipe_rel}", "model": model,
                      "overrides": [f"serve.api_key_file={API_KEY_DIR}/api-key", *(overrides or [])]},
-            "runtime_env": job_runtime_env(),
+            "runtime_env": serve_runtime_env(),
             "deployments": [
                 {"name": SERVE_ENGINE,
                  "max_ongoing_requests": serve.max_ongoing_requests,

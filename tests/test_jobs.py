@@ -7,6 +7,7 @@ run on this machine).
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -222,15 +223,16 @@ def test_missing_token_is_a_clear_auth_error(head, tmp_path, monkeypatch, capsys
 def test_data_stage_runs_as_a_job(head, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    words = "ray data streams text through cleaning filtering dedup and tokenization into parquet shards"
-    for i in range(40):
-        (corpus / f"doc{i}.txt").write_text(" ".join(f"{w}{(i * 7 + j) % 13}" for j, w in
-                                                     enumerate(words.split() * 6)) + "\n")
+    rng = random.Random(0)
+    vocab = ["ray", "data", "stream", "text", "clean", "filter", "dedup", "token", "pack", "shard", "model",
+             "train", "serve", "chat", "actor", "cluster", "node", "task", "block", "batch"]
+    for i in range(40):  # distinct documents, long enough for the quality filter
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(120)) + ".\n")
     run_dir = tmp_path / "run"
     res = _raylm(["submit", "--address", head["address"], "--", "data", "--input", str(corpus),
-                  "--run-dir", str(run_dir), "tokenizer.vocab_size=300", "data.num_blocks=2",
-                  "ray.num_cpus=2"], head["token"], timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+                  "--run-dir", str(run_dir), "tokenizer.vocab_size=300", "data.num_blocks=2"],
+                 head["token"], timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     assert "SUCCEEDED" in res.stderr
     assert (run_dir / "config.yaml").is_file()
     assert any((run_dir / "data").rglob("*.parquet")), sorted(p.name for p in (run_dir / "data").rglob("*"))
