@@ -175,8 +175,9 @@ class _Stream:
     def _done(self) -> dict:
         m = self.ing.metrics
         m.latency.observe(time.perf_counter() - self.start, tags={"route": self.kind})
-        m.tokens.inc(self.prompt_tokens, tags={"kind": "prompt"})
-        m.tokens.inc(self.completion_tokens, tags={"kind": "completion"})
+        for kind, count in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
+            if count > 0:  # Ray's Counter refuses 0 (a reply may end at once with EOS)
+                m.tokens.inc(count, tags={"kind": kind})
         return oa.usage(self.prompt_tokens, self.completion_tokens)
 
     async def whole(self) -> dict:

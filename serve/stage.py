@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -79,7 +80,11 @@ def run(ctx: StageContext) -> dict:
           f"{info['model_name']!r})\n  demo: {info['demo']}", flush=True)
     if ctx.options.get("block", True):
         _block_until_interrupted()
-    return {"api": info["api"], "demo": info["demo"], "model": info["model"]}
+    return {k: info[k] for k in ("api", "demo", "health", "model")}
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _block_until_interrupted() -> None:
@@ -88,6 +93,7 @@ def _block_until_interrupted() -> None:
     from serve.app import APP_NAME
 
     print("raylm serve: serving; Ctrl-C to stop", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` / a pod stop: the same clean exit as Ctrl-C
     try:
         while True:
             time.sleep(3600)  # nothing to poll: the app runs in Ray; we only wait for Ctrl-C
