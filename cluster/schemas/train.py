@@ -31,6 +31,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_failures: int = 1
+    stop_at_step: int | None = None  # end this invocation there (checkpointed, no export); run again to go on
     deepspeed_config: str | None = None  # expert JSON merged over the derived config
 
     def __post_init__(self) -> None:
@@ -46,6 +47,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
+            raise ValueError(f"stop_at_step: must be in [1, max_steps={self.max_steps}], got {self.stop_at_step}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr: must be <= lr ({self.lr}), got {self.min_lr}")
 

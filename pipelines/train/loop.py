@@ -136,7 +136,8 @@ def train_worker(config: dict[str, Any]) -> None:
     log = MetricsLog(Path(config["stage_dir"])) if rank == 0 else None
     peak = peak_flops(engine.device)
     peak_total = peak * world if peak else None
-    while position.step < cfg.max_steps:
+    end = cfg.stop_at_step or cfg.max_steps
+    while position.step < end:
         t0, tokens0, lr = time.perf_counter(), stream.tokens, engine.get_lr()[0]  # lr of this step
         loss = train_step(engine, task, stream, cfg, pipeline)
         seconds = time.perf_counter() - t0
@@ -145,7 +146,7 @@ def train_worker(config: dict[str, Any]) -> None:
         record = {"step": position.step, "loss": loss, "lr": lr, "epoch": stream.epoch,
                   "grad_norm": _grad_norm(engine), "tokens_per_s": tokens_per_s, "step_s": seconds,
                   "mfu": mfu(task.flops_per_token, tokens_per_s, peak_total)}
-        last = position.step == cfg.max_steps
+        last = position.step == end
         if position.step % cfg.eval_every == 0 or last:
             record.update(evaluate(engine, task, cfg, dp_rank, dp_world, pipeline))
         record = {k: v for k, v in record.items() if v is not None}
@@ -158,7 +159,7 @@ def train_worker(config: dict[str, Any]) -> None:
             # previous one, and it polls every 2 s (Ray 2.60), so a report per step would cap training at 0.5
             # steps/s. Every step is in metrics.jsonl and TensorBoard.
             ray.train.report(record)
-    if config["export_dir"] and task.export is not None:
+    if config["export_dir"] and task.export is not None and position.step == cfg.max_steps:
         state = full_state_dict(engine, task, pipeline)  # collective; the full weights on rank 0 only
         if rank == 0:
             task.export(state, Path(config["export_dir"]))
