@@ -58,6 +58,7 @@ class PromptSampler:
 def role_config(cfg: PPOConfig, lr: float) -> dict:
     """The plain dict each role actor gets (picklable, no schema import needed in the worker)."""
     keys = ("micro_batch_size", "zero_stage", "grad_clip", "precision", "max_new_tokens", "temperature", "top_p",
+            "stop_at_eos",
             "ppo_epochs", "clip_eps", "value_clip_eps", "kl_mode", "kl_estimator")
     return {**{k: getattr(cfg, k) for k in keys}, "lr": lr}
 

@@ -121,7 +121,8 @@ class PolicyActor(_TrainableRole):
         prompts = _to(prompts, _device())
         out = rollout.generate(model, prompts["prompt_ids"], prompts["prompt_mask"], pad_id=self.pad_id,
                                eos_id=self.eos_id, max_new_tokens=cfg["max_new_tokens"],
-                               temperature=cfg["temperature"], top_p=cfg["top_p"])
+                               temperature=cfg["temperature"], top_p=cfg["top_p"],
+                               stop_at_eos=cfg["stop_at_eos"])
         out = _cpu(out)
         out["logprobs"] = self.rollout_logprobs(out)
         return out

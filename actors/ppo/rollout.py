@@ -35,13 +35,16 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, pad_id: int, eos_id: int,
-             max_new_tokens: int, temperature: float, top_p: float) -> dict[str, torch.Tensor]:
-    """Sample one response per prompt with transformers ``generate`` (KV cache on)."""
+             max_new_tokens: int, temperature: float, top_p: float, stop_at_eos: bool = True
+             ) -> dict[str, torch.Tensor]:
+    """Sample one response per prompt with transformers ``generate`` (KV cache on). Without ``stop_at_eos``
+    EOS is suppressed until ``max_new_tokens`` (fixed-length responses, for like-for-like benchmarks)."""
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
                          temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
+                         pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+                         min_new_tokens=0 if stop_at_eos else max_new_tokens)
     model.train(was_training)
     responses = out[:, prompt_ids.shape[1]:]
     resp_mask = response_mask(responses, eos_id)

@@ -43,6 +43,7 @@ class PPOConfig:
     max_prompt_len: int = 64
     max_new_tokens: int = 32
     temperature: float = 1.0
+    stop_at_eos: bool = True  # false: every response is max_new_tokens long (EOS suppressed; benchmarks)
     top_p: float = 1.0
     ppo_epochs: int = 1
     micro_batch_size: int = 8
