@@ -19,6 +19,7 @@ run: install
 	$(BIN)/raylm run
 
 test: install
+	bash scripts/install-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -1,0 +1,107 @@
+"""The Gradio chat demo in a real browser: headless Debian Chromium driven by Playwright opens /demo/, sends a
+message with greedy sampling and sees the reply stream in; the screenshot is kept in test-artifacts/.
+Deployed through the stage entry (``serve.stage.run`` with block=False), as ``raylm serve --no-block`` does."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from serve_fixtures import deployed, tiny_chat_model  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.browser,
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MESSAGE = "Hello, who are you?"
+
+# Records every length the last bot message takes, so the test can tell a streamed reply from one that
+# arrived whole.
+OBSERVE_BOT = """() => {
+  window.__botLengths = [];
+  new MutationObserver(() => {
+    const bots = document.querySelectorAll('[data-testid="bot"]');
+    if (bots.length) window.__botLengths.push(bots[bots.length - 1].innerText.length);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def alnum(text: str) -> str:
+    """Compare replies on letters and digits only: Gradio renders the reply as Markdown."""
+    return re.sub(r"[^A-Za-z0-9]", "", text)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/install-browser.sh (as root: apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def demo_app(ray_cluster, tiny_chat_model, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("serve-demo")
+    with deployed(tmp / "run", tiny_chat_model, ["serve.max_new_tokens=48"]) as (info, ctx):
+        yield info, ctx
+
+
+def expected_reply(api: str) -> openai.types.chat.ChatCompletion:
+    """What the demo must show: the same request (default system prompt, greedy) sent with the openai client."""
+    from serve.ui import DEFAULT_SYSTEM_PROMPT
+
+    client = openai.OpenAI(base_url=api, api_key="unused", max_retries=0)
+    return client.chat.completions.create(
+        model="raylm", temperature=0, top_p=0.95, max_tokens=48,
+        messages=[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": MESSAGE}])
+
+
+def test_stage_wrote_endpoint_file(demo_app):
+    info, ctx = demo_app
+    saved = json.loads((ctx.run_dir.root / "serve" / "endpoint.json").read_text())
+    assert saved["api"] == info["api"] and saved["demo"] == info["demo"]
+
+
+def test_demo_streams_a_reply_in_chromium(demo_app, browser, artifacts_dir):
+    info, _ = demo_app
+    expected = expected_reply(info["api"])
+    assert expected.usage.completion_tokens >= 8, "the fixture model's greedy reply is too short to see streaming"
+
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(info["demo"], wait_until="load")  # never networkidle: Gradio keeps a heartbeat open
+    box = page.get_by_role("textbox").first
+    box.wait_for(timeout=60_000)
+    page.get_by_text("Sampling").click()  # the accordion with the sampling controls
+    temperature = page.get_by_label("Temperature").first  # the number box beside the slider
+    temperature.fill("0")
+    temperature.press("Tab")
+    page.evaluate(OBSERVE_BOT)
+    box.fill(MESSAGE)
+    box.press("Enter")
+
+    want = alnum(expected.choices[0].message.content)
+    deadline = time.monotonic() + 60
+    shown = ""
+    while time.monotonic() < deadline:
+        bots = page.locator('[data-testid="bot"]')
+        shown = alnum(bots.last.inner_text()) if bots.count() else ""
+        if shown == want:
+            break
+        page.wait_for_timeout(200)  # polling under the deadline above
+    page.screenshot(path=str(artifacts_dir / "serve-demo-chat.png"), full_page=True)
+    assert shown == want, f"demo shows {shown!r}, the API says {want!r}"
+    lengths = page.evaluate("window.__botLengths")
+    assert len({n for n in lengths if n > 0}) >= 2, f"the reply did not stream: lengths seen {lengths}"
+    page.close()
