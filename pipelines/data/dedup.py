@@ -117,7 +117,11 @@ def near_duplicate_clusters(ds, cfg: NearDedupConfig, num_blocks: int) -> NearDe
     return NearDedupResult(keepers=keepers, stats=stats)
 
 
-def mark_near_duplicates(batch: pd.DataFrame, duplicate_of: dict[str, str]) -> pd.DataFrame:
+def mark_near_duplicates(batch: pd.DataFrame, keepers: pd.DataFrame) -> pd.DataFrame:
+    """Adds ``duplicate_of`` (the cluster's keeper, "" for keepers and unique documents) and ``cluster_size``."""
+    by_id = keepers.set_index("id")
+    keeper = batch["id"].map(by_id["keeper"])
     batch = batch.copy()
-    batch["duplicate_of"] = batch["id"].map(duplicate_of).fillna("").astype(str)
+    batch["duplicate_of"] = np.where(keeper.notna() & (keeper != batch["id"]), keeper, "").astype(str)
+    batch["cluster_size"] = batch["id"].map(by_id["cluster_size"]).fillna(1).astype(np.int64)
     return batch

@@ -61,38 +61,47 @@ def _read_and_clean(ray, cfg, clock: StageClock):
     return files, docs
 
 
-def _exact(cfg, kept, clock: StageClock, stats: dict):
-    if not cfg.exact_dedup.enabled:
-        return kept, []
-    marked = exact_dedup(kept, cfg.num_blocks).materialize()
-    # per (is duplicate, cluster size): keepers of clusters give the size histogram, the rest the count
+def _dedup_stats(marked) -> dict:
+    """docs/bytes in and out and the cluster-size histogram of a dedup stage's marked rows."""
     table = partial_sums(marked.map_batches(_flag_duplicates, batch_format="pyarrow"),
-                         ["is_duplicate", "cluster_size"], [])
+                         ["is_duplicate", "cluster_size"], ["bytes_out"])
+    dups = table[table["is_duplicate"] == 1]
     keepers = table[(table["is_duplicate"] == 0) & (table["cluster_size"] > 1)]
-    stats["exact_dedup"] = {
-        "docs_in": marked.count(), "duplicates": int(table.loc[table["is_duplicate"] == 1, "docs"].sum()),
-        "cluster_sizes": {str(int(k)): int(v) for k, v in zip(keepers["cluster_size"], keepers["docs"])}}
-    clock.done("exact_dedup", stats["exact_dedup"]["docs_in"])
-    dups = _where(marked, "duplicate_of", equal=False)
-    return _where(marked, "duplicate_of", equal=True), [_as_dropped(dups, "exact_dedup:duplicate")]
+    docs_in, bytes_in = int(table["docs"].sum()), int(table["bytes_out"].sum())
+    return {"docs_in": docs_in, "docs_out": docs_in - int(dups["docs"].sum()), "bytes_in": bytes_in,
+            "bytes_out": bytes_in - int(dups["bytes_out"].sum()), "duplicates": int(dups["docs"].sum()),
+            "cluster_sizes": {str(int(k)): int(v) for k, v in zip(keepers["cluster_size"], keepers["docs"])}}
 
 
 def _flag_duplicates(table: pa.Table) -> pa.Table:
     flag = pc.cast(pc.not_equal(table.column("duplicate_of"), ""), pa.int64())
-    return pa.table({"is_duplicate": flag, "cluster_size": table.column("cluster_size")})
+    return pa.table({"is_duplicate": flag, "cluster_size": table.column("cluster_size"),
+                     "bytes_out": table.column("bytes_out")})
 
 
-def _near(ray, cfg, kept, clock: StageClock, stats: dict):
+def _split_marked(marked, reason: str):
+    dups = _where(marked, "duplicate_of", equal=False)
+    return _where(marked, "duplicate_of", equal=True), [_as_dropped(dups, reason)]
+
+
+def _exact(cfg, kept, clock: StageClock, stats: dict):
+    if not cfg.exact_dedup.enabled:
+        return kept, []
+    marked = exact_dedup(kept, cfg.num_blocks).materialize()
+    stats["exact_dedup"] = _dedup_stats(marked)
+    clock.done("exact_dedup", stats["exact_dedup"]["docs_in"])
+    return _split_marked(marked, "exact_dedup:duplicate")
+
+
+def _near(cfg, kept, clock: StageClock, stats: dict):
     if not cfg.near_dedup.enabled:
         return kept, []
     result = near_duplicate_clusters(kept, cfg.near_dedup, cfg.num_blocks)
-    dup_map = {i: k for i, k in zip(result.keepers["id"], result.keepers["keeper"]) if i != k}
-    marked = kept.map_batches(mark_near_duplicates, batch_format="pandas",
-                              fn_args=(dup_map,)).materialize()
-    stats["near_dedup"] = {"docs_in": marked.count(), **result.stats}
+    marked = kept.map_batches(mark_near_duplicates, batch_format="pandas", fn_args=(result.keepers,)).materialize()
+    # cluster sizes come from the components (a near-dup cluster spans blocks); the rest from the rows
+    stats["near_dedup"] = {**_dedup_stats(marked), **result.stats}
     clock.done("near_dedup", stats["near_dedup"]["docs_in"])
-    dups = _where(marked, "duplicate_of", equal=False)
-    return _where(marked, "duplicate_of", equal=True), [_as_dropped(dups, "near_dedup:duplicate")]
+    return _split_marked(marked, "near_dedup:duplicate")
 
 
 def _write_parquet_dir(ds, outputs: DataOutputs, name: str) -> Path:
@@ -121,7 +130,7 @@ def run(ctx: StageContext) -> dict:
     clock.restart()
     kept, more = _exact(cfg, kept, clock, stats["stages"])
     dropped += more
-    kept, more = _near(ray, cfg, kept, clock, stats["stages"])
+    kept, more = _near(cfg, kept, clock, stats["stages"])
     dropped += more
     kept = kept.select_columns(DOC_COLUMNS).materialize()
     n_kept = kept.count()
