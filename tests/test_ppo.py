@@ -126,3 +126,15 @@ def test_grpo_stage_checkpoints_resumes_and_exports(ray_cluster, tiny_models, tm
     sft = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("sft")).state_dict()
     changed = lambda a, b: any((a[k] - b[k]).abs().max() > 0 for k in a)  # noqa: E731
     assert changed(after_one, sft) and changed(after_two, after_one)
+
+
+def test_vllm_engine_without_vllm_fails_with_a_clear_message():
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    from actors.ppo.vllm_engine import require_vllm
+
+    with pytest.raises(RuntimeError, match="ppo.rollout_engine: 'vllm' needs the vllm package"):
+        require_vllm()
