@@ -285,7 +285,7 @@ def submit_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"raylm: config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - translated to one clear line, or re-raised
+    except Exception as exc:
         err = exc if isinstance(exc, JobsError) else cluster_error(exc, address)
         if err is None:
             raise
@@ -302,7 +302,7 @@ def list_jobs(client, out=None) -> None:
     jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
     out.write(f"{'SUBMISSION ID':36} {'STATUS':10} {'STARTED':19}  ENTRYPOINT\n")
     for job in jobs:
-        out.write(f"{(job.submission_id or job.job_id or '-'):36} {str(job.status):10} "
+        out.write(f"{(job.submission_id or job.job_id or '-'):36} {job.status!s:10} "
                   f"{_format_time(job.start_time):19}  {job.entrypoint[:80]}\n")
 
 
@@ -329,7 +329,7 @@ def jobs_command(args: argparse.Namespace) -> int:
         stopped = client.stop_job(args.job_id)
         print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
         return 0
-    except Exception as exc:  # noqa: BLE001 - translated to one clear line, or re-raised
+    except Exception as exc:
         err = exc if isinstance(exc, JobsError) else cluster_error(exc, address)
         if err is None:
             raise
