@@ -106,11 +106,11 @@ def pack_sections(sections: Iterator[str], max_chars: int) -> Iterator[str]:
     size = 0
     for section in sections:
         section = section[:max_chars]
-        if current and size + len(section) + 2 > max_chars:
+        if current and size + 2 + len(section) > max_chars:  # 2: the blank line joining sections
             yield "\n\n".join(current)
             current, size = [], 0
+        size += len(section) + (2 if current else 0)
         current.append(section)
-        size += len(section) + 2
     if current:
         yield "\n\n".join(current)
 
