@@ -191,8 +191,9 @@ def test_serve_config_is_valid_for_ray_and_follows_the_recipe(rendered):
     tiny = load_recipe(PROJECT_ROOT / "configs" / "tiny-cpu.yaml", ["serve.autoscaling.max_replicas=5"])
     app = k8s.serve_config(tiny, "configs/tiny-cpu.yaml")["applications"][0]
     assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 5
-    # the app's own argument check: exactly the keys build_app accepts
+    # the app's own argument check: exactly the keys build_app accepts, overrides valid for the recipe
     assert set(app["args"]) == {"config", "overrides", "model"}
+    assert load_recipe(PROJECT_ROOT / "configs" / "tiny-cpu.yaml", app["args"]["overrides"]).serve.api_key_file
 
 
 def test_serve_deployment_names_match_the_app():
