@@ -31,10 +31,11 @@ ENGINE = "LLMEngine"
 class LLMEngine:
     """Holds one copy of the model; generates for batches of requests."""
 
-    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float, stream_interval: int):
         from serve.engine import Engine
 
         self.engine = Engine(model_dir)
+        self.stream_interval = stream_interval
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -46,10 +47,11 @@ class LLMEngine:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batch(self, requests: list[dict]) -> AsyncIterator[list]:
-        from serve.engine import SamplingParams
+        from serve.engine import SamplingParams, coalesce
 
-        steps = self.engine.generate_stream([r["prompt_ids"] for r in requests],
-                                            [SamplingParams(**r["params"]) for r in requests])
+        steps = coalesce(self.engine.generate_stream([r["prompt_ids"] for r in requests],
+                                                     [SamplingParams(**r["params"]) for r in requests]),
+                         self.stream_interval)
         while True:
             # The forward pass runs in a thread so this replica's event loop keeps taking requests meanwhile.
             step = await asyncio.to_thread(next, steps, None)
@@ -83,7 +85,7 @@ def build_from_config(cfg: ServeConfig, model_dir: str | Path) -> Application:
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-    ).bind(model_dir, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    ).bind(model_dir, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.stream_interval)
     ingress = serve.deployment(_ingress_class(), name=INGRESS).options(
         num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=max(256, 4 * cfg.max_ongoing_requests),  # async I/O only: many in flight is fine

@@ -24,6 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's extension of the same name
 
 
 @dataclass
@@ -89,6 +90,28 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def merge(a: Delta | None, b: Delta | None) -> Delta | None:
+    """Two consecutive deltas of one request as one (None: nothing new / already finished)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return Delta(a.text + b.text, b.completion_tokens, b.finish_reason)
+
+
+def coalesce(steps: Iterator[list[Delta | None]], interval: int) -> Iterator[list[Delta | None]]:
+    """Forward the first step at once (time to first token), then one merged step per ``interval`` steps:
+    every message from engine to client costs a Ray object and an HTTP chunk, much more than a token."""
+    pending: list[Delta | None] | None = None
+    count, first = 0, True
+    for step in steps:
+        pending = step if pending is None else [merge(a, b) for a, b in zip(pending, step)]
+        count += 1
+        if first or count >= interval:
+            yield pending
+            pending, count, first = None, 0, False
+    if pending is not None:
+        yield pending
+
+
 # ---- per-request decoding state -------------------------------------------------------------------------------
 
 class _Row:
@@ -102,7 +125,7 @@ class _Row:
 
     def advance(self, token: int, eos_ids: set[int], decode) -> Delta:
         """Take one sampled token; return the text it made safe to send and whether the row is done."""
-        if token in eos_ids:
+        if token in eos_ids and not self.params.ignore_eos:
             return self._finish(decode(self.ids), "stop")
         self.ids.append(token)
         text = decode(self.ids)

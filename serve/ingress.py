@@ -143,7 +143,7 @@ class OpenAIIngress:
         max_tokens = oa.check_token_limits(len(ids), req.max_completion_tokens or req.max_tokens,
                                            self.cfg.max_prompt_tokens, self.cfg.max_new_tokens)
         params = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                  "stop": req.stop_list(), "seed": req.seed}
+                  "stop": req.stop_list(), "seed": req.seed, "ignore_eos": req.ignore_eos}
         deltas = self.engine_stream(ids, params)
         first = await deltas.__anext__()  # engine errors before the first token still get a real status
         self.metrics.ttft.observe(time.perf_counter() - start, tags={"route": kind})

@@ -49,6 +49,7 @@ class _Params(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request: batching gives throughput, not n
+    ignore_eos: bool = False  # extension (as in vLLM): always generate max_tokens; for benchmarks
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

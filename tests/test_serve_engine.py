@@ -10,7 +10,7 @@ from serve_fixtures import tiny_chat_model  # noqa: F401 - fixture
 from cluster.config import ConfigError
 from cluster.recipe import load_recipe
 from serve import openai_api as oa
-from serve.engine import Engine, SamplingParams, find_stop, held_back, left_pad, top_p_filter
+from serve.engine import Delta, Engine, SamplingParams, coalesce, find_stop, held_back, left_pad, top_p_filter
 from serve.ui import to_openai_messages
 
 
@@ -63,6 +63,13 @@ def test_left_pad_aligns_last_tokens():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+def test_coalesce_sends_first_step_then_merged_steps():
+    d = Delta
+    steps = [[d("a", 1), d("x", 1)], [d("b", 2), d("y", 2, "stop")], [d("c", 3), None], [d("", 4, "length"), None]]
+    out = list(coalesce(iter(steps), 2))
+    assert out == [[d("a", 1), d("x", 1)], [d("bc", 3), d("y", 2, "stop")], [d("", 4, "length"), None]]
+
+
 # ---- the batching loop against the model ----
 
 def test_batched_greedy_equals_solo_and_hf_generate(engine):
@@ -84,6 +91,9 @@ def test_batched_greedy_equals_solo_and_hf_generate(engine):
 def test_max_tokens_gives_length_and_usage(engine):
     _text, finish, count = run_all(engine, [engine.text_prompt_ids("Return the")], [greedy(7)])[0]
     assert (finish, count) == ("length", 7)
+    sampled = [SamplingParams(max_tokens=40, temperature=1.5, seed=s, ignore_eos=True) for s in range(6)]
+    outs = run_all(engine, [engine.text_prompt_ids("x")] * 6, sampled)
+    assert [(f, c) for _, f, c in outs] == [("length", 40)] * 6
 
 
 def test_stop_string_cuts_output(engine):

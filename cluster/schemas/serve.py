@@ -53,6 +53,7 @@ class ServeConfig:
     max_queued_requests: int = 64  # per caller, beyond ongoing; more -> 429 (-1: unbounded)
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
+    stream_interval: int = 4  # tokens per streamed message after the first (fewer messages, more throughput)
     # OpenAIIngress (HTTP + demo): fixed replicas, light on CPU (tokenizing and JSON only)
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.1
@@ -67,7 +68,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port: must be in 1..65535, got {self.port}")
-        _positive(self, "num_cpus", "max_ongoing_requests", "max_batch_size", "ingress_replicas",
+        _positive(self, "num_cpus", "max_ongoing_requests", "max_batch_size", "stream_interval", "ingress_replicas",
                   "ingress_num_cpus", "request_timeout_s", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
         if self.num_gpus < 0:
             raise ValueError(f"num_gpus: must be >= 0, got {self.num_gpus}")
