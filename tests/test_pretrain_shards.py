@@ -1,4 +1,5 @@
 """Shard reading for pretraining (fast, no Ray). ``write_shards`` also builds the run dirs of the Ray tests."""
+import itertools
 import json
 import random
 import shutil
@@ -69,7 +70,7 @@ def test_rank_slices_cover_every_row_once():
         for world in (1, 2, 3):
             bounds = [rank_slice(total, r, world) for r in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == total
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
 
 
 def test_load_rows_reads_across_file_boundaries(shards):

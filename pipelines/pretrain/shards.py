@@ -7,8 +7,8 @@ files that slice touches), reshuffles it every epoch from (seed, epoch, rank), a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq

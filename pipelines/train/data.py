@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ class BatchStream:
         batches = iter(self.task.batches(self.split, self.rank, self.world_size, self.epoch))
         return itertools.islice(batches, self.index, None)  # skip what a resumed run already consumed
 
-    def __iter__(self) -> "BatchStream":
+    def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> Any:

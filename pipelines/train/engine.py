@@ -42,7 +42,7 @@ from pipelines.train.ds_config import build_ds_config
 from pipelines.train.shm import skip_cpu_shm_comm_build
 from pipelines.train.task import TrainTask
 
-__all__ = ["TrainTask", "fit", "skip_cpu_shm_comm_build", "build_ds_config", "summarize"]
+__all__ = ["TrainTask", "build_ds_config", "fit", "skip_cpu_shm_comm_build", "summarize"]
 
 log = logging.getLogger("raylm")
 

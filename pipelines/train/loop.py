@@ -62,14 +62,15 @@ def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_st
                                activation_checkpoint_interval=int(cfg.activation_checkpointing))
     betas = tuple(cfg.betas) if cfg.betas else (0.9, 0.95)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=warmup_cosine(optimizer, cfg),
         config=build_ds_config(cfg, world_size, pipeline_stages))
     return engine
 
 
-def _mean_over_ranks(value: float, count: float = 1.0) -> float:
-    pair = torch.tensor([value * count, count], dtype=torch.float64)
+def _mean_over_ranks(value: float, device: torch.device, count: float = 1.0) -> float:
+    # On the engine's device: NCCL reduces CUDA tensors only (gloo takes CPU ones).
+    pair = torch.tensor([value * count, count], dtype=torch.float64, device=device)
     dist.all_reduce(pair)
     return float(pair[0] / pair[1]) if pair[1] > 0 else float("nan")
 
@@ -85,14 +86,14 @@ def train_step(engine, task: TrainTask, stream: BatchStream, cfg: TrainConfig, p
         engine.backward(loss)
         engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
         losses.append(float(loss.detach()))
-    return _mean_over_ranks(sum(losses) / len(losses))
+    return _mean_over_ranks(sum(losses) / len(losses), engine.device)
 
 
 @torch.no_grad()
 def evaluate(engine, task: TrainTask, cfg: TrainConfig, dp_rank: int, dp_world: int, pipeline: bool) -> dict:
     batches = first_batches(task, "validation", dp_rank, dp_world, cfg.eval_batches)
     # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively).
-    count = torch.tensor([len(batches)])
+    count = torch.tensor([len(batches)], device=engine.device)
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
     batches = batches[: int(count)]
     if not batches:
@@ -100,12 +101,12 @@ def evaluate(engine, task: TrainTask, cfg: TrainConfig, dp_rank: int, dp_world: 
     device = engine.device
     if pipeline:
         loss = engine.eval_batch(iter([to_device(b, device) for b in batches]), num_micro_batches=len(batches))
-        val_loss = _mean_over_ranks(float(loss))
+        val_loss = _mean_over_ranks(float(loss), device)
     else:
         engine.eval()
         total = sum(float(task.loss_fn(engine, to_device(b, device))[0]) for b in batches)
         engine.train()
-        val_loss = _mean_over_ranks(total / len(batches))
+        val_loss = _mean_over_ranks(total / len(batches), device)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 

@@ -1,9 +1,10 @@
 """``TrainTask``: what a training stage plugs into the shared engine (see ``pipelines.train.engine``)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
