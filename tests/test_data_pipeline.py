@@ -139,7 +139,9 @@ def test_corrupt_file_fails_with_its_name_and_no_manifest(ray_cluster, corpus, t
     run_dir = tmp_path / "run"
     (run_dir / "data" / "shards").mkdir(parents=True)
     (run_dir / "data" / "shards" / "manifest.json").write_text("{}")  # stale, from an earlier run
-    with pytest.raises(Exception, match="broken.jsonl.gz"):
+    from pipelines.data.sources import CorpusReadError
+
+    with pytest.raises(CorpusReadError, match=r"^\S*broken\.jsonl\.gz: "):
         _run(run_dir, [inputs, bad.parent])
     assert not (run_dir / "data" / "shards" / "manifest.json").exists()
 

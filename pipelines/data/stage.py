@@ -17,7 +17,7 @@ from cluster.stage import StageContext
 from pipelines.data.clean import clean_batch
 from pipelines.data.dedup import exact_dedup, mark_near_duplicates, near_duplicate_clusters
 from pipelines.data.outputs import DataOutputs
-from pipelines.data.sources import list_corpus_files, read_files_batch
+from pipelines.data.sources import CorpusReadError, list_corpus_files, read_files_batch
 from pipelines.data.stats import StageClock, clean_stage_stats, partial_sums, reason_table
 from pipelines.data.tokenize import publish_manifest, tokenize_stage
 
@@ -45,6 +45,17 @@ def _as_dropped(ds, reason: str):
         label, batch_format="pyarrow").select_columns(DROPPED_COLUMNS)
 
 
+def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
+    """The first ``kind`` in an exception's cause chain (Ray wraps worker errors in its own types)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, kind):
+            inner = getattr(exc, "cause", None)  # RayTaskError(kind) wraps the worker's original exception
+            return inner if isinstance(inner, kind) else exc
+        exc, seen = exc.__cause__ or getattr(exc, "cause", None) or exc.__context__, seen + 1
+    return None
+
+
 def _as_filtered(table: pa.Table) -> pa.Table:
     table = table.append_column("duplicate_of", pa.array([""] * table.num_rows, type=pa.string()))
     return table.rename_columns({"bytes_in": "bytes"})  # size as read
@@ -54,9 +65,15 @@ def _read_and_clean(ray, cfg, clock: StageClock):
     files = list_corpus_files(cfg)
     log.info("data: %d input files (%s)", len(files), "data.input" if cfg.input else "built-in corpus")
     listing = ray.data.from_items(files, override_num_blocks=max(1, min(len(files), cfg.num_blocks * 4)))
-    docs = (listing.map_batches(read_files_batch, batch_size=1, fn_args=(cfg,))
-            .map_batches(clean_batch, fn_args=(cfg,), batch_format="numpy", batch_size=CLEAN_BATCH)
-            .materialize())
+    try:
+        docs = (listing.map_batches(read_files_batch, batch_size=1, fn_args=(cfg,))
+                .map_batches(clean_batch, fn_args=(cfg,), batch_format="numpy", batch_size=CLEAN_BATCH)
+                .materialize())
+    except Exception as exc:  # noqa: BLE001 - re-raised as is unless it wraps a bad input file
+        read_error = _find_cause(exc, CorpusReadError)
+        if read_error is None:
+            raise
+        raise CorpusReadError(str(read_error).split("\n")[0]) from None  # "<file>: <error>", no Ray frames
     clock.done("read+clean", docs.count())
     return files, docs
 
