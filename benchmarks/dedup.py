@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.schemas.data import NearDedupConfig  # noqa: E402
-from pipelines.data.components import duplicate_keepers  # noqa: E402
-from pipelines.data.planted import planted_corpus  # noqa: E402
+from cluster.schemas.data import NearDedupConfig
+from pipelines.data.components import duplicate_keepers
+from pipelines.data.planted import planted_corpus
 
 WORD = re.compile(r"\w+")
 
@@ -114,6 +114,7 @@ def main() -> None:
     measure("raylm-local", lambda: run_local(ids, texts, cfg), len(ids), truth, base)
     if not args.no_ray:
         import ray
+
         from cluster.recipe import RayConfig
         from cluster.runtime import init_ray
         init_ray(RayConfig(num_cpus=args.num_cpus))

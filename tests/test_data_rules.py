@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from cluster.schemas.data import DataConfig, PIIConfig, QualityConfig
+from pipelines.data import quality as q
 from pipelines.data.clean import clean_text
 from pipelines.data.normalize import decode, dedup_key, derived_id, normalize_text
 from pipelines.data.pii import redact
-from pipelines.data import quality as q
 
 PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden porch. "
          "Later that evening the family gathered around the table to share stories about the long summer, "
@@ -18,7 +18,7 @@ PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches f
 def test_decode_repairs_invalid_utf8_and_flags_it():
     text, repaired = decode(b"caf\xc3\xa9 ok \xff\xfe broken")
     assert repaired and "\ufffd" in text and text.startswith("café ok")
-    assert decode("plain".encode()) == ("plain", False)
+    assert decode(b"plain") == ("plain", False)
 
 
 def test_normalize_nfc_controls_and_whitespace():
@@ -73,7 +73,7 @@ def test_each_rule_catches_its_case(text, rule):
 
 def test_duplicate_paragraphs():
     para = "This paragraph says the same thing every single time it is repeated here."
-    text = "\n\n".join([para, para, para, PROSE])
+    text = f"{para}\n\n{para}\n\n{para}\n\n{PROSE}"
     cfg = QualityConfig(languages=[], max_duplicate_lines=1.0)
     assert q.first_failure(text, cfg) == "max_duplicate_paragraphs"
 

@@ -10,8 +10,13 @@ import pytest
 import zstandard
 
 from cluster.schemas.data import BuiltinCorpusConfig, DataConfig
-from pipelines.data.builtin_corpus import (docstring_sections, extract, list_builtin_files,
-                                           metadata_description, pack_sections)
+from pipelines.data.builtin_corpus import (
+    docstring_sections,
+    extract,
+    list_builtin_files,
+    metadata_description,
+    pack_sections,
+)
 from pipelines.data.sources import CorpusReadError, list_input_files, read_file, read_files_batch
 
 LINES = [{"id": "a", "text": "first doc", "lang": "en"}, {"text": "second doc", "url": "http://x"}]
@@ -43,7 +48,7 @@ def test_parquet_and_text(tmp_path):
     pq.write_table(pa.table({"body": ["p1", "p2"], "id": [1, 2]}), tmp_path / "c.parquet")
     cfg = DataConfig(text_field="body")
     assert [(d["id"], d["text"]) for d in _read(tmp_path / "c.parquet", cfg)] == [("1", "p1"), ("2", "p2")]
-    (tmp_path / "note.txt").write_bytes("a whole file is one document\nline two".encode())
+    (tmp_path / "note.txt").write_bytes(b"a whole file is one document\nline two")
     assert [d["text"] for d in _read(tmp_path / "note.txt")] == ["a whole file is one document\nline two"]
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import ast
 import os
 import sysconfig
+from collections.abc import Iterator
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Iterator
 
 from cluster.schemas.data import BuiltinCorpusConfig
 

@@ -102,16 +102,16 @@ def near_duplicate_clusters(ds, cfg: NearDedupConfig, num_blocks: int) -> NearDe
                 .map_batches(bucket_pairs, batch_size=None, batch_format="pandas"))
     left, right = _collect_pairs(pairs_ds)
     candidates = pd.DataFrame({"id": left, "other": right}).drop_duplicates()
-    stats = {"candidate_pairs": int(len(candidates))}
+    stats = {"candidate_pairs": len(candidates)}
     if cfg.threshold > 0 and len(candidates):
         sigs = _signatures_of(sig_ds, set(candidates["id"]) | set(candidates["other"]))
         a = np.stack([sigs[i] for i in candidates["id"]])
         b = np.stack([sigs[i] for i in candidates["other"]])
         candidates = candidates[estimated_jaccard(a, b) >= cfg.threshold]
-    stats["verified_pairs"] = int(len(candidates))
+    stats["verified_pairs"] = len(candidates)
     keepers = duplicate_keepers(candidates["id"].to_numpy(), candidates["other"].to_numpy())
     clusters = keepers[keepers["id"] == keepers["keeper"]]
-    stats["clusters"] = int(len(clusters))
+    stats["clusters"] = len(clusters)
     stats["cluster_sizes"] = {str(k): int(v) for k, v in clusters["cluster_size"].value_counts().sort_index().items()}
     stats["duplicates"] = int((keepers["id"] != keepers["keeper"]).sum())
     return NearDedupResult(keepers=keepers, stats=stats)

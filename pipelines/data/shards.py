@@ -30,7 +30,7 @@ def write_shard_block(batch: pa.Table, out_dir: str, vocab_size: int) -> pa.Tabl
         summaries["split"].append(split)
         summaries["path"].append(str(path))
         summaries["sequences"].append(part.num_rows)
-        summaries["tokens"].append(int(len(flat)))
+        summaries["tokens"].append(len(flat))
         summaries["dropped_tokens"].append(int(pa.compute.sum(part.column("dropped_tokens")).as_py() or 0))
         summaries["counts"].append(np.bincount(flat, minlength=vocab_size).astype(np.int64).tolist())
     return pa.table({

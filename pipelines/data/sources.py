@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -107,7 +107,7 @@ def _read_jsonl(stream, path: str, cfg: DataConfig) -> Iterator[dict]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"line {ordinal + 1} is not valid JSON: {exc.msg}") from None
         if not isinstance(record, dict):
-            raise ValueError(f"line {ordinal + 1} is not a JSON object")
+            raise ValueError(f"line {ordinal + 1} is not a JSON object")  # noqa: TRY004 - bad data, not a bug
         yield _doc(record, path, ordinal, cfg, repaired)
 
 
@@ -161,7 +161,7 @@ def read_files_batch(batch: dict, cfg: DataConfig) -> Iterator[dict[str, list]]:
                 if len(rows) >= BATCH_DOCS:
                     yield _columns(rows)
                     rows = []
-        except Exception as exc:  # noqa: BLE001 - any failure of one file is reported with that file's name
+        except Exception as exc:  # any failure of one file is reported with that file's name
             message = f"{path}: {type(exc).__name__}: {exc}"
             if cfg.on_error == "fail":
                 raise CorpusReadError(message) from exc

@@ -69,7 +69,7 @@ def _read_and_clean(ray, cfg, clock: StageClock):
         docs = (listing.map_batches(read_files_batch, batch_size=1, fn_args=(cfg,))
                 .map_batches(clean_batch, fn_args=(cfg,), batch_format="numpy", batch_size=CLEAN_BATCH)
                 .materialize())
-    except Exception as exc:  # noqa: BLE001 - re-raised as is unless it wraps a bad input file
+    except Exception as exc:  # re-raised as is unless it wraps a bad input file
         read_error = _find_cause(exc, CorpusReadError)
         if read_error is None:
             raise

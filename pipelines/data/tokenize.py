@@ -3,8 +3,8 @@ shards. The manifest is written by the caller, after stats.json: it is the very 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipelines.data.outputs import DataOutputs
 from pipelines.data.pack import tokenize_pack_batch
