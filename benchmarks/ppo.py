@@ -35,7 +35,7 @@ def setup_trl_env(env: Path) -> None:
     py = env / "bin" / "python"
     site_dir = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
                               capture_output=True, text=True).stdout.strip()
-    ours = [p for p in sys.path if p.endswith("site-packages")][0]
+    ours = next(p for p in sys.path if p.endswith("site-packages"))
     Path(site_dir, "raylm-main.pth").write_text(ours + "\n")  # reuse torch/transformers: same kernels
     subprocess.run([str(py), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}", "datasets>=4.7"], check=True)
 
@@ -90,7 +90,12 @@ def trl_worker(args) -> None:
     """Runs inside the TRL venv: one PPOTrainer over the same models; prints a JSON line."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.set_num_threads(args.threads)
@@ -132,7 +137,7 @@ def run_trl(args, policy: Path, reward: Path, prompts: list[list[int]], work: Pa
     cmd = [str(python), __file__, "--trl-worker", str(work), "--policy", str(policy), "--reward", str(reward),
            "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--response-len",
            str(args.response_len), "--iterations", str(args.iterations), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [x for x in out.stdout.splitlines() if x.startswith("TRL_RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"TRL run failed ({out.returncode}):\n{out.stderr[-4000:]}")

@@ -36,10 +36,10 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
 def llama_config(tokenizer, **overrides):
     from transformers import LlamaConfig
 
-    kwargs = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                  tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256,
+              "tie_word_embeddings": True, "pad_token_id": tokenizer.pad_token_id,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 

@@ -124,7 +124,7 @@ def test_grpo_stage_checkpoints_resumes_and_exports(ray_cluster, tiny_models, tm
     assert json.loads((run_dir.stage("ppo") / "checkpoints" / "latest.json").read_text())["tag"] == "iter_000002"
     after_two = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("ppo")).state_dict()
     sft = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("sft")).state_dict()
-    changed = lambda a, b: any((a[k] - b[k]).abs().max() > 0 for k in a)  # noqa: E731
+    changed = lambda a, b: any((a[k] - b[k]).abs().max() > 0 for k in a)
     assert changed(after_one, sft) and changed(after_two, after_one)
 
 

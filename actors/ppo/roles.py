@@ -54,8 +54,8 @@ class _TrainableRole:
     def setup(self, master_addr: str, master_port: int) -> None:
         import deepspeed
 
-        from pipelines.train.engine import build_ds_config, skip_cpu_shm_comm_build
         from cluster.schemas.train import TrainConfig
+        from pipelines.train.engine import build_ds_config, skip_cpu_shm_comm_build
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")

@@ -56,7 +56,7 @@ def split_hh(chosen: str, rejected: str, where: str) -> PreferencePair:
 def to_pair(record: dict, where: str) -> PreferencePair:
     for name in ("chosen", "rejected"):
         if not isinstance(record.get(name), str):
-            raise ValueError(f"{where}: {name}: needs a string (found keys: {sorted(record)})")
+            raise ValueError(f"{where}: {name}: needs a string (found keys: {sorted(record)})")  # noqa: TRY004
     if "prompt" in record:
         if not isinstance(record["prompt"], str):
             raise ValueError(f"{where}: prompt: must be a string")

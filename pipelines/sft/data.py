@@ -9,8 +9,9 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 IGNORE = -100  # label of tokens without loss (transformers' CrossEntropy ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -45,7 +46,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: each line must be a JSON object")
+                raise ValueError(f"{path}:{i}: each line must be a JSON object")  # noqa: TRY004 (bad data)
             yield f"{path}:{i}", row
 
 

@@ -13,7 +13,14 @@ from pathlib import Path
 from cluster.stage import StageContext
 from pipelines.sft.builtin_qa import builtin_pairs, split_pairs
 from pipelines.sft.data import encode_chat, hash_split, pack, read_chats
-from pipelines.sft.task import count_tokens, export_hf_model, load_causal_lm, save_split, sft_batches, sft_loss
+from pipelines.sft.task import (
+    count_tokens,
+    export_hf_model,
+    load_causal_lm,
+    save_split,
+    sft_batches,
+    sft_loss,
+)
 
 log = logging.getLogger("raylm")
 
