@@ -128,6 +128,19 @@ def _write_parquet_dir(ds, outputs: DataOutputs, name: str) -> Path:
     return outputs.publish(name)
 
 
+def _per_document_outputs(docs) -> tuple[dict, list, object]:
+    """stats of the fused per-document stages, the dropped rows so far, and the kept documents."""
+    reasons = reason_table(docs)
+    stats = {"stages": clean_stage_stats(reasons), "skipped_files": []}
+    if any(r["reason"] == "input:unreadable" for r in reasons):
+        rows = _where(docs, "read_error", equal=False).select_columns(["source", "read_error"]).take_all()
+        stats["skipped_files"] = [{"path": r["source"], "error": r["read_error"]} for r in rows]
+    dropped = [_where(docs, "reason", equal=False).map_batches(_as_filtered, batch_format="pyarrow")
+               .select_columns(DROPPED_COLUMNS)]
+    kept = _where(docs, "reason", equal=True).select_columns(DOC_COLUMNS + ["bytes_out", "dedup_key"])
+    return stats, dropped, kept
+
+
 def run(ctx: StageContext) -> dict:
     recipe = ctx.recipe
     cfg = recipe.data
@@ -136,19 +149,12 @@ def run(ctx: StageContext) -> dict:
     ray = init_ray(recipe.ray, ctx.address)
     clock = StageClock()
     files, docs = _read_and_clean(ray, cfg, clock)
-    reasons = reason_table(docs)
-    stats: dict = {"input": {"files": len(files), "builtin": not cfg.input}, "stages": clean_stage_stats(reasons)}
-    unreadable = any(r["reason"] == "input:unreadable" for r in reasons)
-    stats["skipped_files"] = [{"path": r["source"], "error": r["read_error"]} for r in _where(
-        docs, "read_error", equal=False).select_columns(["source", "read_error"]).take_all()] if unreadable else []
-    dropped = [_where(docs, "reason", equal=False).map_batches(_as_filtered, batch_format="pyarrow")
-               .select_columns(DROPPED_COLUMNS)]
-    kept = _where(docs, "reason", equal=True).select_columns(DOC_COLUMNS + ["bytes_out", "dedup_key"])
+    stats, dropped, kept = _per_document_outputs(docs)
+    stats["input"] = {"files": len(files), "builtin": not cfg.input}
     clock.restart()
-    kept, more = _exact(cfg, kept, clock, stats["stages"])
-    dropped += more
-    kept, more = _near(cfg, kept, clock, stats["stages"])
-    dropped += more
+    for dedup in (_exact, _near):
+        kept, more = dedup(cfg, kept, clock, stats["stages"])
+        dropped += more
     kept = kept.select_columns(DOC_COLUMNS).materialize()
     n_kept = kept.count()
     _write_parquet_dir(kept, outputs, "documents")
@@ -157,7 +163,7 @@ def run(ctx: StageContext) -> dict:
     summary = {"docs_in": stats["stages"]["input"]["docs_in"], "docs_kept": n_kept}
     manifest = None
     if cfg.tokenize.enabled:
-        stats["stages"]["tokenize"], manifest = tokenize_stage(ray, recipe, kept, outputs)
+        stats["stages"]["tokenize"], manifest = tokenize_stage(recipe, kept, outputs)
         clock.done("tokenize", n_kept)
         summary["train_tokens"] = stats["stages"]["tokenize"]["splits"]["train"]["tokens"]
     stats["throughput"] = clock.throughput

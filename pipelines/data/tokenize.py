@@ -39,7 +39,7 @@ def ensure_tokenizer(recipe, kept, outputs: DataOutputs) -> tuple[Path, bool]:
     return path, True
 
 
-def tokenize_stage(ray, recipe, kept, outputs: DataOutputs) -> tuple[dict, dict]:
+def tokenize_stage(recipe, kept, outputs: DataOutputs) -> tuple[dict, dict]:
     """Returns (stats for stats.json, keyword arguments for ``write_manifest``)."""
     from pipelines.tokenizer import EOS, load_tokenizer, tokenizer_hash
 
