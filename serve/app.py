@@ -88,7 +88,8 @@ def build_from_config(cfg: ServeConfig, model_dir: str | Path) -> Application:
     ).bind(model_dir, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.stream_interval)
     ingress = serve.deployment(_ingress_class(), name=INGRESS).options(
         num_replicas=cfg.ingress_replicas,
-        max_ongoing_requests=max(256, 4 * cfg.max_ongoing_requests),  # async I/O only: many in flight is fine
+        # async I/O only: many in flight is fine; above max_pending_requests the app itself answers 429
+        max_ongoing_requests=cfg.max_pending_requests + 64,
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
     )
     from cluster.config import to_dict

@@ -85,6 +85,7 @@ class OpenAIIngress:
         self.api_key = read_api_key(self.cfg)
         self.created = int(time.time())
         self.metrics = _Metrics()
+        self.pending = 0  # completions in progress in this replica (one event loop: no lock needed)
 
     def __serve_build_asgi_app__(self):
         app = build_api(self)
@@ -118,8 +119,9 @@ class OpenAIIngress:
     async def engine_stream(self, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.request_timeout_s
-        gen = self.engine.options(stream=True).generate.remote({"prompt_ids": prompt_ids, "params": params})
+        gen = None
         try:
+            gen = self.engine.options(stream=True).generate.remote({"prompt_ids": prompt_ids, "params": params})
             while True:
                 try:
                     delta = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - loop.time()))
@@ -129,9 +131,26 @@ class OpenAIIngress:
         except Exception as exc:
             raise engine_error(exc, self.cfg.request_timeout_s) from exc
         finally:
-            gen.cancel()
+            if gen is not None:
+                gen.cancel()
 
     async def complete(self, request: Request, kind: str):
+        """Admission control first: past ``max_pending_requests`` in this replica, answer 429 at once. (Serve's
+        own ``max_queued_requests`` answers a plain-text 503 that bypasses the app's error handlers, and
+        rejects early under bursts, so the count that matters to clients is kept here.)"""
+        if self.pending >= self.cfg.max_pending_requests:
+            raise oa.overloaded(f"the server is overloaded ({self.pending} requests in progress); retry later")
+        self.pending += 1
+        streaming = False
+        try:
+            response = await self._complete(request, kind)
+            streaming = isinstance(response, StreamingResponse)
+            return response
+        finally:
+            if not streaming:  # a stream releases its slot when it ends (_Stream.sse)
+                self.pending -= 1
+
+    async def _complete(self, request: Request, kind: str):
         start = time.perf_counter()
         self.check_auth(request)
         cls = oa.ChatRequest if kind == "chat" else oa.CompletionRequest
@@ -208,6 +227,8 @@ class _Stream:
                 yield self._chunk(None, None, usage)
         except oa.APIError as exc:  # headers are gone: the error travels as an event, as OpenAI's does
             yield oa.sse(exc.body())
+        finally:
+            self.ing.pending -= 1
         yield oa.sse("[DONE]")
 
 

@@ -29,7 +29,8 @@ def app(ray_cluster, tiny_chat_model, tmp_path_factory):  # noqa: F811
     key_file.write_text(API_KEY + "\n")
     overrides = [
         f"serve.api_key_file={key_file}", "serve.demo=false",
-        "serve.max_batch_size=8", "serve.max_ongoing_requests=16", "serve.max_prompt_tokens=64",
+        "serve.max_batch_size=8", "serve.max_ongoing_requests=16", "serve.max_pending_requests=40",
+        "serve.max_prompt_tokens=64",
         "serve.max_new_tokens=32", "serve.max_body_bytes=20000", "serve.request_timeout_s=30",
         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2",
         "serve.autoscaling.target_ongoing_requests=2", "serve.autoscaling.upscale_delay_s=1",
@@ -238,3 +239,11 @@ def test_killing_a_replica_under_load_fails_only_its_requests(app, client):
     wait_for(lambda: replica_pids() and victim not in replica_pids()
              and engine_replicas().get("RUNNING", 0) >= 1, 120, "Serve to replace the killed replica")
     assert client.completions.create(model=MODEL, prompt="after", max_tokens=4).usage.completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_overload_gets_429_and_no_server_error(app):
+    # 80 at once against serve.max_pending_requests=40: the overflow is told to retry, the rest are served
+    statuses = load(app["api"], 80, 80, max_tokens=32)
+    assert statuses.count(429) > 0 and statuses.count(200) > 0
+    assert set(statuses) <= {200, 429}, {s: statuses.count(s) for s in set(statuses)}

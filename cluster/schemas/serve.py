@@ -50,13 +50,14 @@ class ServeConfig:
     num_cpus: float = 1
     num_gpus: float = 0
     max_ongoing_requests: int = 32  # per engine replica; >= max_batch_size
-    max_queued_requests: int = 64  # per caller, beyond ongoing; more -> 429 (-1: unbounded)
+    max_queued_requests: int = -1  # Serve's queue bound per caller (-1: none); past it Serve's plain 503
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     stream_interval: int = 4  # tokens per streamed message after the first (fewer messages, more throughput)
     # OpenAIIngress (HTTP + demo): fixed replicas, light on CPU (tokenizing and JSON only)
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.1
+    max_pending_requests: int = 128  # completions in progress per ingress replica; more -> 429
     request_timeout_s: float = 60  # whole request, queueing included; past it -> 503
     max_prompt_tokens: int = 192
     max_new_tokens: int = 128
@@ -69,7 +70,7 @@ class ServeConfig:
         if not 0 < self.port < 65536:
             raise ValueError(f"port: must be in 1..65535, got {self.port}")
         _positive(self, "num_cpus", "max_ongoing_requests", "max_batch_size", "stream_interval", "ingress_replicas",
-                  "ingress_num_cpus", "request_timeout_s", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
+                  "ingress_num_cpus", "max_pending_requests", "request_timeout_s", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
         if self.num_gpus < 0:
             raise ValueError(f"num_gpus: must be >= 0, got {self.num_gpus}")
         if self.batch_wait_timeout_s < 0:
