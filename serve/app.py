@@ -13,6 +13,7 @@ One application, APP_NAME, of two deployments whose names are stable (serveConfi
 from __future__ import annotations
 
 import asyncio
+import shlex
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -102,7 +103,10 @@ def build_app(args: dict) -> Application:
     unknown = set(args) - {"config", "overrides", "model"}
     if unknown:
         raise ValueError(f"build_app: unknown args {sorted(unknown)}; expected config, overrides, model")
-    recipe = load_recipe(args.get("config"), list(args.get("overrides") or []))
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):  # `serve run serve.app:build_app overrides="a=1 b=2"` passes strings
+        overrides = shlex.split(overrides)
+    recipe = load_recipe(args.get("config"), list(overrides))
     model_dir = args.get("model") or recipe.serve.model
     if not model_dir:
         raise ValueError("build_app: no model: pass args.model or set serve.model in the recipe")

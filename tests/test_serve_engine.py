@@ -190,3 +190,18 @@ def test_demo_history_to_openai_messages():
 def test_serve_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"{key}:"):
         load_recipe(None, [override])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_build_app_args(tiny_chat_model):  # noqa: F811
+    from ray.serve import Application
+
+    from serve.app import build_app
+    app = build_app({"model": str(tiny_chat_model), "overrides": "serve.demo=false serve.max_batch_size=4"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="unknown args"):
+        build_app({"model": str(tiny_chat_model), "bogus": 1})
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_app({"model": "/nonexistent"})
+    with pytest.raises(ConfigError, match="serve.max_batch_size"):
+        build_app({"model": str(tiny_chat_model), "overrides": ["serve.max_batch_size=0"]})
