@@ -71,17 +71,19 @@ def test_four_roles_two_iterations(ray_cluster, tiny_models):
 
     lm, rm = tiny_models
     tok, prompts = chat_prompts(lm, ["dumps", "loads", "dump", "load"])
+    # Two policy replicas: a real data-parallel group (gloo) whose gradients DeepSpeed averages.
     cfg = PPOConfig(iterations=2, rollout_batch_size=4, max_new_tokens=8, micro_batch_size=2, actor_lr=1e-3,
-                    critic_lr=1e-3, kl_estimator="k3")
+                    critic_lr=1e-3, kl_estimator="k3", policy=RoleConfig(replicas=2))
     trainer = PPOTrainer(cfg, str(lm), str(rm), pad_id=tok.pad_token_id)
     try:
         before = trainer.checksums()
-        assert before["policy"] == before["reference"]  # both start from the SFT model
+        assert before["policy"] == before["reference"] * 2  # both start from the SFT model
         first, second = trainer.step(prompts), trainer.step(prompts)
         after = trainer.checksums()
     finally:
         trainer.shutdown()
-    assert after["policy"] != before["policy"]
+    assert after["policy"][0] != before["policy"][0]
+    assert after["policy"][0] == pytest.approx(after["policy"][1], rel=1e-6)  # replicas stay in sync
     assert after["critic"] != before["critic"]
     assert after["reference"] == before["reference"] and after["reward"] == before["reward"]
     # KL is measured against the reference: exactly 0 before the first update, > 0 after it (k3 >= 0).
