@@ -6,7 +6,7 @@ Compared (all with 128 permutations, 5-word shingles of lower-cased \\w+ words, 
 - baseline ``datasketch``: MinHash per document + MinHashLSH(threshold=0.8) insert/query, then clusters;
 - ``raylm-local``: pipelines/data/dedup_local.py (numpy MinHash, one process);
 - ``raylm-ray``: pipelines/data/dedup.py on a local Ray cluster (the ``raylm data`` code path), warm;
-- ``datatrove`` MinHash, if it is installed (it is not a raylm dependency).
+datatrove's MinHash is not compared: it is a 4-step on-disk pipeline not wired up here (docs/data.md).
 Precision/recall are over duplicate pairs: pairs of documents put in one cluster vs planted clusters.
 """
 from __future__ import annotations
@@ -80,10 +80,6 @@ def run_ray(ids, texts, cfg, num_blocks: int):
     return near_duplicate_clusters(ds, cfg, num_blocks).keepers
 
 
-def run_datatrove(ids, texts, cfg):  # optional: only when datatrove is installed
-    raise NotImplementedError("datatrove's MinHash runs as a 4-stage on-disk pipeline; not wired here")
-
-
 def measure(name, fn, n_docs, truth, baseline_rate=None):
     start = time.perf_counter()
     keepers = fn()
@@ -123,10 +119,6 @@ def main() -> None:
             measure("raylm-ray", lambda: run_ray(ids, texts, cfg, max(2, args.num_cpus * 2)), len(ids), truth, base)
         finally:
             ray.shutdown()
-    try:
-        import datatrove  # noqa: F401
-    except ImportError:
-        print("datatrove: not installed (optional), skipped")
 
 
 if __name__ == "__main__":
