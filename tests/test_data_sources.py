@@ -129,3 +129,13 @@ def test_builtin_listing_is_bounded_and_starts_with_the_standard_library():
     assert kinds.count("python") == 50 and len(rows) <= 60
     assert "site-packages" not in rows[0]["path"]
     assert rows == list_builtin_files(BuiltinCorpusConfig(max_python_files=50, max_package_docs=10))
+
+
+def test_uri_inputs_go_through_pyarrow_filesystems(tmp_path):
+    # file:// takes the same code path as s3:// and gs:// (pyarrow.fs.FileSystem.from_uri)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl(LINES)))
+    rows = list_input_files([f"file://{tmp_path}/d"])
+    assert [r["path"] for r in rows] == [f"file://{tmp_path}/d/a.jsonl.gz"]
+    docs = list(read_file(rows[0]["path"], rows[0]["kind"], "", DataConfig()))
+    assert [d["text"] for d in docs] == ["first doc", "second doc"]
