@@ -5,8 +5,8 @@ One application, APP_NAME, of two deployments whose names are stable (serveConfi
 - ``OpenAIIngress`` (ingress, ``ingress_replicas`` fixed replicas): the HTTP routes (/v1/chat/completions,
   /v1/completions, /v1/models, /health), the API key check, input limits, Prometheus metrics, and the Gradio
   demo mounted at /demo. It tokenizes and validates, then streams from the engine through a handle.
-- ``LLMEngine`` (autoscaled from ``serve.autoscaling``): the model; requests are batched with ``@serve.batch``
-  and each request's tokens stream back as they are generated.
+- ``LLMEngine`` (autoscaled from ``serve.autoscaling``): the model, run by a continuous-batching loop
+  (requests join and leave the running batch between decode steps); each request's tokens stream back.
 
 ``serve.engine: vllm`` replaces both with Ray Serve LLM's OpenAI app (``ray.serve.llm``) on the same routes.
 """
@@ -30,41 +30,41 @@ ENGINE = "LLMEngine"
 
 @serve.deployment(name=ENGINE)
 class LLMEngine:
-    """Holds one copy of the model; generates for batches of requests."""
+    """Holds one copy of the model; a continuous-batching loop (serve/batching.py) runs it in a thread."""
 
     def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float, stream_interval: int):
+        from serve.batching import Scheduler
         from serve.engine import Engine
 
         self.engine = Engine(model_dir)
-        self.stream_interval = stream_interval
-        self._batch.set_max_batch_size(max_batch_size)
-        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.scheduler = Scheduler(self.engine, max_batch_size, stream_interval, gather_s=batch_wait_timeout_s)
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """request: {"prompt_ids": [...], "params": SamplingParams fields}. Yields
-        {"text", "completion_tokens", "finish_reason"} per step that produced something."""
-        async for delta in self._batch(request):
-            yield delta
+        {"text", "completion_tokens", "finish_reason"} as the request's tokens are generated."""
+        from serve.engine import SamplingParams
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batch(self, requests: list[dict]) -> AsyncIterator[list]:
-        from serve.engine import SamplingParams, coalesce
-
-        steps = coalesce(self.engine.generate_stream([r["prompt_ids"] for r in requests],
-                                                     [SamplingParams(**r["params"]) for r in requests]),
-                         self.stream_interval)
-        while True:
-            # The forward pass runs in a thread so this replica's event loop keeps taking requests meanwhile.
-            step = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                return
-            yield [StopIteration if d is None else
-                   {"text": d.text, "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason}
-                   for d in step]
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        key = object()
+        self.scheduler.submit(key, request["prompt_ids"], SamplingParams(**request["params"]),
+                              lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
+        finished = False
+        try:
+            while not finished:
+                item = await deltas.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield {"text": item.text, "completion_tokens": item.completion_tokens,
+                       "finish_reason": item.finish_reason}
+        finally:
+            if not finished:  # the client went away (or an error): free the request's batch slot
+                self.scheduler.cancel(key)
 
     def check_health(self) -> None:
-        if self.engine.model is None:
-            raise RuntimeError("model not loaded")
+        if not self.scheduler.thread.is_alive():
+            raise RuntimeError("the batching thread died")
 
 
 def _ingress_class():

@@ -1,7 +1,7 @@
 """The inference engine: a Hugging Face causal LM generating for a batch of requests at once, with a KV cache,
 streaming each request's text as it grows.
 
-No Ray here (serve/app.py wraps it in Serve deployments; Serve's ``@serve.batch`` forms the batches). Per-request
+No Ray here (serve/batching.py runs it with continuous batching; serve/app.py wraps that in Serve). Per-request
 sampling (temperature, top_p, seed) and stop strings are why the loop is ours: ``model.generate`` applies one
 GenerationConfig to the whole batch and cannot stream several requests separately.
 """
@@ -97,21 +97,6 @@ def merge(a: Delta | None, b: Delta | None) -> Delta | None:
     return Delta(a.text + b.text, b.completion_tokens, b.finish_reason)
 
 
-def coalesce(steps: Iterator[list[Delta | None]], interval: int) -> Iterator[list[Delta | None]]:
-    """Forward the first step at once (time to first token), then one merged step per ``interval`` steps:
-    every message from engine to client costs a Ray object and an HTTP chunk, much more than a token."""
-    pending: list[Delta | None] | None = None
-    count, first = 0, True
-    for step in steps:
-        pending = step if pending is None else [merge(a, b) for a, b in zip(pending, step)]
-        count += 1
-        if first or count >= interval:
-            yield pending
-            pending, count, first = None, 0, False
-    if pending is not None:
-        yield pending
-
-
 # ---- per-request decoding state -------------------------------------------------------------------------------
 
 class _Row:
@@ -182,45 +167,24 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_context:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_context}")
+
     # -- generation --
-    @torch.inference_mode()
     def generate_stream(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[Delta | None]]:
-        """Generate for all prompts together. Yields, per step, one entry per request: its Delta, or None once
-        it has finished (its last Delta carried a finish_reason). Finished rows leave the batch and the cache."""
+        """Generate for all prompts together (no one joins later). Yields, per step, one entry per request: its
+        Delta, or None once it has finished (its last Delta carried a finish_reason)."""
+        from serve.batching import RunningBatch
+
         if not prompts or len(prompts) != len(params):
             raise ValueError("generate_stream: need one SamplingParams per prompt")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) >= self.max_context:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {self.max_context}")
-        rows = [_Row(p, max(1, min(p.max_tokens, self.max_context - len(ids)))) for ids, p in zip(prompts, params)]
-        ids, mask = left_pad(prompts, self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        active = list(range(len(rows)))  # request index of each row still in the batch
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, last_pos = out.past_key_values, positions[:, -1]
-        while True:
-            tokens = sample_tokens(out.logits[:, -1, :], [rows[i].params for i in active],
-                                   [rows[i].generator for i in active])
-            step: list[Delta | None] = [None] * len(rows)
-            keep = []
-            for slot, (req, tok) in enumerate(zip(active, tokens)):
-                step[req] = rows[req].advance(tok, self.eos_ids, self.decode)
-                if step[req].finish_reason is None:
-                    keep.append(slot)
+        batch = RunningBatch(self)
+        batch.add(list(range(len(prompts))), prompts, params)
+        while len(batch):
+            step: list[Delta | None] = [None] * len(prompts)
+            for i, delta in batch.step():
+                step[i] = delta
             yield step
-            if not keep:
-                return
-            if len(keep) < len(active):  # drop finished rows so they cost nothing from here on
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, last_pos = mask[index], last_pos[index]
-                tokens = [tokens[k] for k in keep]
-                active = [active[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            last_pos = last_pos + 1
-            out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                             position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values

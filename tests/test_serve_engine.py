@@ -10,7 +10,7 @@ from serve_fixtures import tiny_chat_model  # noqa: F401 - fixture
 from cluster.config import ConfigError
 from cluster.recipe import load_recipe
 from serve import openai_api as oa
-from serve.engine import Delta, Engine, SamplingParams, coalesce, find_stop, held_back, left_pad, top_p_filter
+from serve.engine import Engine, SamplingParams, find_stop, held_back, left_pad, top_p_filter
 from serve.ui import to_openai_messages
 
 
@@ -61,13 +61,6 @@ def test_left_pad_aligns_last_tokens():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
-def test_coalesce_sends_first_step_then_merged_steps():
-    d = Delta
-    steps = [[d("a", 1), d("x", 1)], [d("b", 2), d("y", 2, "stop")], [d("c", 3), None], [d("", 4, "length"), None]]
-    out = list(coalesce(iter(steps), 2))
-    assert out == [[d("a", 1), d("x", 1)], [d("bc", 3), d("y", 2, "stop")], [d("", 4, "length"), None]]
 
 
 # ---- the batching loop against the model ----
