@@ -1,0 +1,48 @@
+"""The whole pipeline in one command: data -> pretrain -> sft -> reward -> ppo -> serve, then one chat request."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main as raylm
+from cluster.rundir import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.serve]
+
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "smoke-cpu.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_raylm_run_whole_pipeline_then_chat(ray_cluster, tmp_path, capsys):
+    from openai import OpenAI
+    from ray import serve
+
+    port = free_port()
+    run_dir = tmp_path / "run"
+    try:
+        rc = raylm(["run", "-c", str(RECIPE), "--run-dir", str(run_dir), "--no-block", f"serve.port={port}"])
+        assert rc == 0
+        err = capsys.readouterr().err
+        for i, stage in enumerate(["data", "pretrain", "sft", "reward", "ppo", "serve"], start=1):
+            assert f"[{i}/6] {stage}: done in" in err
+        assert (run_dir / "config.yaml").is_file()
+        assert (run_dir / "data" / "shards" / "manifest.json").is_file()
+        for stage in ("pretrain", "sft", "reward", "ppo"):
+            assert (run_dir / stage / "model" / "config.json").is_file(), stage
+            assert read_metrics(run_dir / stage), f"{stage} wrote no metrics"
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        models = [m.id for m in client.models.list().data]
+        reply = client.chat.completions.create(
+            model=models[0], messages=[{"role": "user", "content": "What does `json.dumps` do?"}],
+            max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content is not None
+        assert reply.usage.completion_tokens > 0
+    finally:
+        serve.shutdown()
