@@ -156,3 +156,14 @@ def test_corrupt_file_is_skipped_and_recorded(ray_cluster, corpus, tmp_path):
     assert [s["path"] for s in stats["skipped_files"]] == [str(bad)]
     assert "line 2" in stats["skipped_files"][0]["error"]
     assert (data_dir / "shards" / "manifest.json").exists()
+
+
+def test_nothing_passing_the_filters_is_a_clear_error(ray_cluster, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "short.jsonl").write_text('{"text": "too short"}\n{"text": ""}\n')
+    with pytest.raises(ValueError, match="no document passed"):
+        _run(tmp_path / "run", [tmp_path / "in"])
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    assert stats["stages"]["quality"]["dropped"]["min_words"]["docs"] == 1
+    assert stats["stages"]["normalize"]["dropped"]["empty"]["docs"] == 1
+    assert not (tmp_path / "run" / "data" / "shards" / "manifest.json").exists()

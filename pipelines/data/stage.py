@@ -151,6 +151,10 @@ def run(ctx: StageContext) -> dict:
     files, docs = _read_and_clean(ray, cfg, clock)
     stats, dropped, kept = _per_document_outputs(docs)
     stats["input"] = {"files": len(files), "builtin": not cfg.input}
+    if stats["stages"]["pii"]["docs_out"] == 0:
+        atomic_write_json(outputs.stats, stats)  # says why: the drops per rule
+        raise ValueError(f"data: no document passed normalize/quality (see {outputs.stats}); check "
+                         "data.text_field, data.quality.languages and the quality thresholds")
     clock.restart()
     for dedup in (_exact, _near):
         kept, more = dedup(cfg, kept, clock, stats["stages"])
