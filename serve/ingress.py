@@ -181,6 +181,17 @@ class _Stream:
         self.rid = oa.new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.model = ingress.cfg.model_name
         self.completion_tokens, self.finish = 0, None
+        self.released = False
+
+    def release(self) -> None:
+        """Give back the ingress's pending slot (once), when a stream ends or is dropped unread."""
+        if not self.released:
+            self.released = True
+            self.ing.pending -= 1
+
+    def __del__(self):  # a client that leaves before the first byte never starts sse(): free the slot anyway
+        if self.req.stream:
+            self.release()
 
     async def deltas(self) -> AsyncIterator[dict]:
         yield self.first
@@ -228,7 +239,7 @@ class _Stream:
         except oa.APIError as exc:  # headers are gone: the error travels as an event, as OpenAI's does
             yield oa.sse(exc.body())
         finally:
-            self.ing.pending -= 1
+            self.release()
         yield oa.sse("[DONE]")
 
 

@@ -247,3 +247,21 @@ def test_overload_gets_429_and_no_server_error(app):
     statuses = load(app["api"], 80, 80, max_tokens=32)
     assert statuses.count(429) > 0 and statuses.count(200) > 0
     assert set(statuses) <= {200, 429}, {s: statuses.count(s) for s in set(statuses)}
+
+
+def test_prometheus_metrics_are_exported(app, client):
+    """Our ray.serve.metrics reach the node's Prometheus endpoint (exported every few seconds)."""
+    import ray
+
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=4)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ("raylm_requests", "raylm_request_latency_s", "raylm_time_to_first_token_s", "raylm_tokens")
+
+    def exported() -> bool:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return False
+        return all(name in text for name in wanted) and 'route="/v1/completions"' in text
+
+    wait_for(exported, 90, f"{wanted} on the metrics endpoint (port {port})")
