@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -171,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     except StageNotBuilt as exc:
         print(f"raylm: {exc}", file=sys.stderr)
         return 3
-    except FileNotFoundError as exc:
-        print(f"raylm: {exc}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as exc:
+        # Bad input (a missing stage output, a corrupt file, a bad data record): the message names the file or
+        # field; a traceback would only bury it. RAYLM_TRACEBACK=1 shows it for debugging.
+        if os.environ.get("RAYLM_TRACEBACK"):
+            raise
+        print(f"raylm: error: {exc}", file=sys.stderr)
         return 1
 
 
