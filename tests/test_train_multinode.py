@@ -21,7 +21,6 @@ from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
 
 from cluster.recipe import load_recipe
 from cluster.rundir import RunDir
@@ -33,15 +32,15 @@ from test_train_engine import TINY
 
 root = Path(sys.argv[1])
 write_shards(root)
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 try:
     for _ in range(2):
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, runtime_env=project_runtime_env(carry_project=False))
     recipe = load_recipe(None, TINY + ["pretrain.zero_stage=1", "pretrain.placement_strategy=STRICT_SPREAD"])
     summary = run(StageContext(recipe=recipe, run_dir=RunDir.create(root)))
-    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
-    nodes = sorted({w.node_id for w in workers})
+    workers = json.loads((root / "pretrain" / "workers.json").read_text())
+    nodes = sorted({w["node_id"] for w in workers})
     worker_nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU"))
     print("RESULT " + json.dumps({"summary": summary, "nodes": nodes, "worker_nodes": worker_nodes}))
 finally:

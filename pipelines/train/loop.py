@@ -4,22 +4,24 @@ from __future__ import annotations
 import math
 import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
 
+from cluster.config import atomic_write_json
 from cluster.rundir import MetricsLog
 from cluster.schemas.train import TrainConfig
+from pipelines.train.builder import build_engine
 from pipelines.train.checkpoint import Position, restore, save_and_report
 from pipelines.train.data import BatchStream, first_batches
-from pipelines.train.ds_config import build_ds_config
 from pipelines.train.flops import mfu, peak_flops
-from pipelines.train.schedule import warmup_cosine
 from pipelines.train.shm import skip_cpu_shm_comm_build
 from pipelines.train.task import TrainTask, to_device
 from pipelines.train.weights import full_state_dict
@@ -37,35 +39,6 @@ def _set_dist_env(ctx) -> None:
     os.environ.setdefault("WORLD_SIZE", str(ctx.get_world_size()))
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(ctx.get_local_world_size()))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matrices and embeddings, never norms or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_stages: int):
-    import deepspeed
-
-    model = task.build_model()
-    if hasattr(model, "gradient_checkpointing"):
-        model.gradient_checkpointing = cfg.activation_checkpointing
-    if pipeline_stages > 1:
-        if task.pipeline_layers is None or task.pipeline_loss is None:
-            raise ValueError("pipeline_stages: this stage's task does not support pipeline parallelism")
-        from deepspeed.pipe import PipelineModule
-
-        model = PipelineModule(layers=task.pipeline_layers(model), num_stages=pipeline_stages,
-                               loss_fn=task.pipeline_loss, partition_method="parameters",
-                               activation_checkpoint_interval=int(cfg.activation_checkpointing))
-    betas = tuple(cfg.betas) if cfg.betas else (0.9, 0.95)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=warmup_cosine(optimizer, cfg),
-        config=build_ds_config(cfg, world_size, pipeline_stages))
-    return engine
 
 
 def _mean_over_ranks(value: float, device: torch.device, count: float = 1.0) -> float:
@@ -110,6 +83,16 @@ def evaluate(engine, task: TrainTask, cfg: TrainConfig, dp_rank: int, dp_world: 
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
+def record_placement(stage_dir: Path, rank: int, world: int) -> None:
+    """``workers.json``: where each rank runs (node, host, pid, device), for operators and tests."""
+    here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid(), "device": str(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, here)
+    if rank == 0:
+        atomic_write_json(stage_dir / "workers.json", everyone)
+
+
 def _grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
@@ -129,6 +112,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=config["backend"])  # wraps the process group Ray Train made
+    record_placement(Path(config["stage_dir"]), rank, world)
     seed_everything(config["seed"])
     engine = build_engine(task, cfg, world, pipeline_stages)
     dp_rank, dp_world = (engine.grid.data_parallel_id, engine.grid.data_parallel_size) if pipeline else (rank, world)
