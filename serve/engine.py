@@ -70,7 +70,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """One next token per row, each row with its own temperature, top_p and random stream."""
     out = []
-    for row, p, gen in zip(logits.float(), params, generators):
+    # On the CPU: each row samples with its own CPU torch.Generator (a GPU batch is a small copy per step).
+    for row, p, gen in zip(logits.float().cpu(), params, generators):
         if p.temperature <= 0:
             out.append(int(row.argmax()))
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 import urllib.error
@@ -80,6 +81,9 @@ def run(ctx: StageContext) -> dict:
           f"{info['model_name']!r})\n  demo: {info['demo']}", flush=True)
     if ctx.options.get("block", True):
         _block_until_interrupted()
+    elif not (ctx.address or os.environ.get("RAY_ADDRESS") or ctx.recipe.ray.address):
+        log.warning("serve: --no-block on the local Ray cluster this process started: the app lives only as "
+                    "long as this process (use --address to leave it on a running cluster)")
     return {k: info[k] for k in ("api", "demo", "health", "model")}
 
 
