@@ -149,7 +149,10 @@ class Scheduler:
                 items.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
-        return items
+        with self.lock:  # cancelled while still waiting in the inbox: never start them
+            dropped = {it[0] for it in items} & self.cancelled
+            self.cancelled -= dropped
+        return [it for it in items if it[0] not in dropped]
 
     def _run(self) -> None:
         batch = RunningBatch(self.engine)
@@ -157,9 +160,13 @@ class Scheduler:
         while True:
             self._admit(batch, streams)
             if not len(batch):
+                with self.lock:
+                    if self.inbox.empty():  # nothing can match a leftover key (a request cancelled as it ended)
+                        self.cancelled.clear()
                 continue
-            with self.lock:
-                cancelled, self.cancelled = self.cancelled, set()
+            with self.lock:  # keys not in the batch stay: they may still be waiting in the inbox
+                cancelled = self.cancelled & set(batch.keys)
+                self.cancelled -= cancelled
             for key in cancelled:
                 streams.pop(key, None)
             try:

@@ -103,3 +103,19 @@ def test_scheduler_cancel_and_bad_prompt(engine):
     collect(sched, "after", engine.text_prompt_ids("Return"), greedy(3), sink, after)
     wait(after, "a request after the cancel")
     assert sink["after"][-1].completion_tokens == 3
+
+
+def test_scheduler_never_starts_a_request_cancelled_while_queued(engine):
+    sched = Scheduler(engine, max_batch_size=1, stream_interval=1)
+    sink: dict = {}
+    collect(sched, "running", engine.text_prompt_ids("x"), greedy(400), sink, threading.Event())
+    deadline = time.monotonic() + 60
+    while not sink.get("running") and time.monotonic() < deadline:
+        time.sleep(0.01)  # poll: the batch's only row is taken
+    collect(sched, "queued", engine.text_prompt_ids("y"), greedy(4), sink, threading.Event())
+    sched.cancel("queued")
+    sched.cancel("running")
+    after = threading.Event()
+    collect(sched, "after", engine.text_prompt_ids("Return"), greedy(2), sink, after)
+    wait(after, "a request behind the cancelled ones")
+    assert "queued" not in sink
