@@ -1,0 +1,189 @@
+"""Pretraining throughput: raylm (Ray Train + DeepSpeed) against a plain single-process PyTorch loop.
+
+Same model (the recipe's), same token data (random ids in the shard format), same global batch per optimizer
+step, same total threads (workers x cpus_per_worker for raylm; torch.set_num_threads(that) for the baseline),
+measured in the same run. Prints tokens/s (median over steady-state steps) and the ratio raylm / baseline for
+ZeRO-2 data parallel and for 2-stage pipeline parallel (ZeRO-1, untied embeddings).
+
+    .venv/bin/python benchmarks/pretrain.py                 # tiny-cpu recipe, 30 steps each
+    .venv/bin/python benchmarks/pretrain.py --steps 50 -c configs/tiny-cpu.yaml model.dim=256
+    python3 benchmarks/pretrain.py --gpu-mfu -c configs/gpt-125m-gpu.yaml   # one GPU: MFU of the engine's step
+
+``--gpu-mfu`` builds the very DeepSpeed engine a raylm worker builds (``pipelines.train.builder``: recipe-derived
+config, ZeRO stage, bf16, torch AdamW, warmup+cosine) in one process on one GPU, without Ray, and reports
+tokens/s and MFU against the GPU's dense bf16 peak (Ray Train adds no per-step work on a single worker).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cluster.recipe import load_recipe
+from cluster.rundir import read_metrics
+from pipelines.model import build_model
+from pipelines.pretrain.shards import ShardBatches
+from pipelines.pretrain.task import lm_loss, pretrain_task
+from pipelines.train.schedule import warmup_cosine
+
+WARMUP_STEPS = 5  # excluded from the medians (allocator, BLAS and gloo warm-up)
+
+
+def write_random_shards(shards: Path, seq_len: int, vocab_size: int, rows: int) -> dict:
+    shards.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", rows), ("validation", 64)):
+        data = rng.integers(0, vocab_size, size=(n, seq_len), dtype=np.int32)
+        pq.write_table(pa.table({"input_ids": pa.array(list(data), type=pa.list_(pa.int32()))}),
+                       shards / f"{split}-00000.parquet")
+        splits[split] = {"files": [f"{split}-00000.parquet"], "sequences": n, "tokens": n * seq_len}
+    manifest = {"seq_len": seq_len, "vocab_size": vocab_size, "tokenizer_dir": str(shards), "tokenizer_hash": "",
+                "eos_id": 0, "unigram_entropy_nats": float(np.log(vocab_size)), "splits": splits}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def plain_torch_tokens_per_s(recipe, manifest: dict, shards: Path, steps: int, threads: int) -> float:
+    """The baseline: one process, the same global batch per step (micro_batch x grad_accum x workers)."""
+    cfg = recipe.pretrain
+    torch.set_num_threads(threads)
+    model = build_model(recipe.model, manifest["vocab_size"], recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    sched = warmup_cosine(opt, cfg)
+    batch = cfg.micro_batch_size * cfg.num_workers // max(1, cfg.pipeline_stages)
+    stream = iter(ShardBatches(shards, batch, recipe.seed)("train", 0, 1, 0))
+    speeds = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            inputs, labels = next(stream)
+            (lm_loss(model(inputs), labels) / cfg.grad_accum).backward()
+            tokens += inputs.numel()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= WARMUP_STEPS:
+            speeds.append(tokens / (time.perf_counter() - t0))
+    return statistics.median(speeds)
+
+
+def raylm_tokens_per_s(recipe, manifest: dict, shards: Path, stage_dir: Path) -> tuple[float, float]:
+    from pipelines.train.engine import fit
+
+    task = pretrain_task(recipe.model, recipe.pretrain, manifest, shards, recipe.seed)
+    t0 = time.perf_counter()
+    fit(task, recipe.pretrain, stage_dir, seed=recipe.seed, ray_cfg=recipe.ray,
+        pipeline_stages=recipe.pretrain.pipeline_stages)
+    wall = time.perf_counter() - t0
+    speeds = [r["tokens_per_s"] for r in read_metrics(stage_dir) if r["step"] > WARMUP_STEPS]
+    return statistics.median(speeds), wall
+
+
+def gpu_mfu(config: str | None, steps: int, overrides: list[str]) -> dict:
+    import functools
+    import os
+
+    import deepspeed
+
+    from pipelines.model import flops_per_token
+    from pipelines.pretrain.task import lm_step_loss
+    from pipelines.train.builder import build_engine
+    from pipelines.train.flops import gpu_peak_flops
+    from pipelines.train.task import TrainTask
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl")
+    recipe = load_recipe(config, ["pretrain.num_workers=1", f"pretrain.max_steps={steps}",
+                                  "pretrain.warmup_steps=2", *overrides])
+    cfg, vocab, seq = recipe.pretrain, recipe.tokenizer.vocab_size, recipe.data.tokenize.seq_len
+    task = TrainTask(build_model=functools.partial(build_model, recipe.model, vocab, recipe.seed),
+                     loss_fn=lm_step_loss, batches=None)
+    engine = build_engine(task, cfg, world_size=1, pipeline_stages=1)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    speeds = []
+    for step in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            tokens = torch.randint(0, vocab, (cfg.micro_batch_size, seq), device="cuda", generator=gen)
+            loss, _ = lm_step_loss(engine, (tokens[:, :-1], tokens[:, 1:]))
+            engine.backward(loss)
+            engine.step()
+        torch.cuda.synchronize()
+        if step >= WARMUP_STEPS:
+            speeds.append(cfg.grad_accum * cfg.micro_batch_size * (seq - 1) / (time.perf_counter() - t0))
+    tokens_per_s = statistics.median(speeds)
+    flops = flops_per_token(recipe.model, vocab, seq - 1)
+    peak = gpu_peak_flops(torch.cuda.get_device_name())
+    result = {"gpu": torch.cuda.get_device_name(), "recipe": recipe.name, "precision": cfg.precision,
+              "zero_stage": cfg.zero_stage, "params_m": round(sum(p.numel() for p in engine.module.parameters()) / 1e6, 1),
+              "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / peak, 3) if peak else None,
+              "peak_tflops": peak / 1e12 if peak else None, "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", default=None)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--variants", default="zero2,pipeline2", help="comma-separated: zero2, pipeline2")
+    parser.add_argument("--gpu-mfu", action="store_true", help="one GPU, no Ray: MFU of the engine's step")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.gpu_mfu:
+        gpu_mfu(args.config, args.steps, list(args.overrides))
+        return
+    common = [f"pretrain.max_steps={args.steps}", "pretrain.warmup_steps=2", f"pretrain.eval_every={args.steps}",
+              f"pretrain.checkpoint_every={args.steps}", "pretrain.eval_batches=1", "pretrain.num_workers=2"]
+    variants = {"zero2": ["pretrain.zero_stage=2"],
+                # 4 micro-batches per step keep both stages busy (1 would run them one after the other); the
+                # global batch stays 16 sequences, as for zero2 (8 per worker x 2 data-parallel workers).
+                "pipeline2": ["pretrain.zero_stage=1", "pretrain.pipeline_stages=2", "model.tie_embeddings=false",
+                              "pretrain.micro_batch_size=4", "pretrain.grad_accum=4"]}
+    with tempfile.TemporaryDirectory(prefix="raylm-bench-") as tmp:
+        results = {}
+        for name, extra in variants.items():
+            if name not in args.variants.split(","):
+                continue
+            recipe = load_recipe(args.config, common + extra + list(args.overrides))
+            cfg = recipe.pretrain
+            seq_len = recipe.data.tokenize.seq_len
+            rows = 2 * args.steps * cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers
+            shards = Path(tmp) / name / "data" / "shards"
+            manifest = write_random_shards(shards, seq_len, recipe.tokenizer.vocab_size, rows)
+            threads = cfg.num_workers * cfg.cpus_per_worker
+            base = plain_torch_tokens_per_s(recipe, manifest, shards, args.steps, threads)
+            ours, wall = raylm_tokens_per_s(recipe, manifest, shards, Path(tmp) / name / "pretrain")
+            results[name] = {"raylm_tokens_per_s": round(ours), "plain_torch_tokens_per_s": round(base),
+                             "ratio": round(ours / base, 3), "raylm_wall_s": round(wall, 1),
+                             "load_average_1min": round(os.getloadavg()[0], 1)}
+            print(f"{name}: raylm {ours:,.0f} tok/s vs plain PyTorch 1 process x {threads} threads {base:,.0f} "
+                  f"tok/s -> ratio {ours / base:.2f}x (raylm fit wall {wall:.0f}s incl. Ray start-up)", flush=True)
+        print(json.dumps(results, indent=2))
+        if os.getloadavg()[0] > (os.cpu_count() or 1):
+            # A multi-threaded process whose threads wait for each other at every op suffers far more from
+            # other jobs than single-threaded workers do: on a busy machine the ratio flatters raylm.
+            print(f"warning: load average {os.getloadavg()[0]:.0f} > {os.cpu_count()} cores: other jobs were "
+                  "running, the ratio is not trustworthy; rerun on an idle machine", flush=True)
+
+
+if __name__ == "__main__":
+    main()
