@@ -24,6 +24,10 @@ from cluster.config import from_dict
 from cluster.schemas.serve import ServeConfig
 from serve import openai_api as oa
 
+REPLICA_FAILED = "replica_failed"
+# A request whose engine replica died before its first token is sent again (nothing reached the client yet);
+# the router learns of a dead replica only when a call to it fails, so a few may land there after a crash.
+ENGINE_ATTEMPTS = 3
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
@@ -53,9 +57,11 @@ def engine_error(exc: BaseException, timeout_s: float) -> oa.APIError:
     if isinstance(exc, BackPressureError):
         return oa.overloaded("the server is overloaded (engine queue full); retry later")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return oa.unavailable(f"the request did not finish within {timeout_s:g} s")
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
-        return oa.unavailable("the engine replica serving this request failed; retry")
+        return oa.unavailable(f"the request did not finish within {timeout_s:g} s", "timeout")
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):
+        return oa.unavailable("the engine replica serving this request failed; retry", REPLICA_FAILED)
+    if isinstance(exc, DeploymentUnavailableError):
+        return oa.unavailable("no engine replica is available; retry later")
     return oa.APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, None)
 
 
@@ -163,8 +169,14 @@ class OpenAIIngress:
                                            self.cfg.max_prompt_tokens, self.cfg.max_new_tokens)
         params = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                   "stop": req.stop_list(), "seed": req.seed, "ignore_eos": req.ignore_eos}
-        deltas = self.engine_stream(ids, params)
-        first = await deltas.__anext__()  # engine errors before the first token still get a real status
+        for attempt in range(1, ENGINE_ATTEMPTS + 1):
+            deltas = self.engine_stream(ids, params)
+            try:
+                first = await deltas.__anext__()  # engine errors before the first token get a real status
+                break
+            except oa.APIError as exc:
+                if exc.code != REPLICA_FAILED or attempt == ENGINE_ATTEMPTS:
+                    raise
         self.metrics.ttft.observe(time.perf_counter() - start, tags={"route": kind})
         stream = _Stream(self, kind, req, len(ids), first, deltas, start)
         if req.stream:

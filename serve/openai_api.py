@@ -33,8 +33,8 @@ def overloaded(message: str) -> APIError:
     return APIError(429, message, "rate_limit_error", None, "server_overloaded")
 
 
-def unavailable(message: str) -> APIError:
-    return APIError(503, message, "service_unavailable", None, "engine_unavailable")
+def unavailable(message: str, code: str = "engine_unavailable") -> APIError:
+    return APIError(503, message, "service_unavailable", None, code)
 
 
 class _Params(BaseModel):
