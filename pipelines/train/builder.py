@@ -2,7 +2,10 @@
 benchmarks can build the very same engine in a plain process)."""
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from cluster.schemas.train import TrainConfig
 from pipelines.train.ds_config import build_ds_config
@@ -28,9 +31,12 @@ def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_st
             raise ValueError("pipeline_stages: this stage's task does not support pipeline parallelism")
         from deepspeed.pipe import PipelineModule
 
+        # torch's non-reentrant checkpoint: DeepSpeed's default (reentrant) one fails on the first stage, whose
+        # input (token ids) does not require grad ("element 0 of tensors does not require grad").
         model = PipelineModule(layers=task.pipeline_layers(model), num_stages=pipeline_stages,
                                loss_fn=task.pipeline_loss, partition_method="parameters",
-                               activation_checkpoint_interval=int(cfg.activation_checkpointing))
+                               activation_checkpoint_interval=int(cfg.activation_checkpointing),
+                               activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False))
     betas = tuple(cfg.betas) if cfg.betas else (0.9, 0.95)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas)
     engine, _, _, _ = deepspeed.initialize(
