@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Self
 
 
 class PipelineProgress:
@@ -14,7 +15,7 @@ class PipelineProgress:
         self.stream = stream or sys.stderr
         self.times: dict[str, float] = {}
 
-    def __enter__(self) -> "PipelineProgress":
+    def __enter__(self) -> Self:
         self.t0 = time.perf_counter()
         self._print(f"raylm: {len(self.stages)} stage(s): {' -> '.join(self.stages)}")
         return self

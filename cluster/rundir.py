@@ -17,7 +17,7 @@ class RunDir:
     root: Path
 
     @classmethod
-    def create(cls, path: str | Path) -> "RunDir":
+    def create(cls, path: str | Path) -> RunDir:
         root = Path(path).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)

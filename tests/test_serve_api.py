@@ -7,11 +7,11 @@ import json
 import os
 import signal
 import threading
-import time
 
 import httpx
 import openai
 import pytest
+from polling import wait_for
 from serve_fixtures import deployed, tiny_chat_model  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve,
@@ -52,14 +52,6 @@ def engine_replicas() -> dict[str, int]:
     return dict(serve.status().applications[APP_NAME].deployments[ENGINE].replica_states)
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)  # polling interval under a deadline
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 async def _load(base: str, n: int, concurrency: int, max_tokens: int, done: list | None,
