@@ -66,3 +66,11 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_resolved(recipe, tmp_path)
     again = from_dict(type(recipe), yaml.safe_load(path.read_text()))
     assert again == recipe
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML alone (YAML 1.1) reads 1e-4 as a string; recipes and overrides take YAML 1.2 floats.
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("name: r\npretrain:\n  lr: 3e-3\n  min_lr: 3e-4\n")
+    recipe = load_recipe(recipe_file, ["ppo.actor_lr=1e-4"])
+    assert (recipe.pretrain.lr, recipe.pretrain.min_lr, recipe.ppo.actor_lr) == (3e-3, 3e-4, 1e-4)
