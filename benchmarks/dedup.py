@@ -80,13 +80,15 @@ def ray_dataset(ids, texts, num_blocks: int):
 def run_ray(ds, cfg, num_blocks: int):
     """The near-dedup stage of ``raylm data`` on a dataset already in the object store."""
     from pipelines.data.dedup import near_duplicate_clusters
-    return near_duplicate_clusters(ds, cfg, num_blocks).keepers
+    return near_duplicate_clusters(ds, cfg, num_blocks).keepers  # materialized on the cluster
 
 
 def measure(name, fn, n_docs, truth, baseline_rate=None):
     start = time.perf_counter()
     keepers = fn()
     seconds = time.perf_counter() - start
+    if not hasattr(keepers, "itertuples"):  # a Ray Dataset: fetched for scoring only, after the clock
+        keepers = keepers.to_pandas()
     p, r = precision_recall(pairs_of(clusters_from_keepers(keepers)), truth)
     rate = n_docs / seconds
     ratio = f"{rate / baseline_rate:5.2f}x" if baseline_rate else "1.00x (baseline)"
@@ -116,7 +118,9 @@ def main() -> None:
 
         from cluster.recipe import RayConfig
         from cluster.runtime import init_ray
+        from pipelines.data.ray_context import configure_data_context
         init_ray(RayConfig(num_cpus=args.num_cpus))
+        configure_data_context()  # as `raylm data` runs
         try:
             blocks = max(2, args.num_cpus * 2)
             run_ray(ray_dataset(ids[:2000], texts[:2000], blocks), cfg, blocks)  # warm-up, not timed

@@ -73,7 +73,8 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
     else:
         num_cpus = cfg.num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray cluster (%d CPUs)", num_cpus)
-        local: dict = {"num_cpus": num_cpus, "_node_ip_address": "127.0.0.1"}
+        local: dict = {"num_cpus": num_cpus, "_node_ip_address": "127.0.0.1",
+                       "_system_config": {"num_workers_soft_limit": idle_worker_limit(num_cpus)}}
         if cfg.num_gpus is not None:
             local["num_gpus"] = cfg.num_gpus
         if cfg.object_store_memory_mb:
@@ -81,6 +82,14 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
         # address="local": never join a stale cluster left in /tmp/ray by a killed run.
         ray.init(address="local", runtime_env=project_runtime_env(carry_project=False), **kwargs, **local)
     return ray
+
+
+def idle_worker_limit(num_cpus: int) -> int:
+    """Idle worker processes a local raylet keeps. Ray's default (= num_cpus) is too few on a small machine:
+    Ray Data's own actors take slots, so every task beyond them started a fresh Python process that was killed
+    1 s after going idle. Measured on 2 cores: a 480k-row repartition took 3.6-4.7 s with the default and
+    0.17-0.21 s with 8 (benchmarks/dedup.py, docs/data.md)."""
+    return max(8, 2 * num_cpus)
 
 
 def storage_path(run_dir: Path) -> str:

@@ -10,12 +10,14 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cluster.schemas.data import NearDedupConfig
-from pipelines.data.components import bucket_pairs, duplicate_keepers, mark_exact_duplicates
+from pipelines.data.components import bucket_pairs, mark_exact_duplicates
+from pipelines.data.graph import connected_components
 from pipelines.data.minhash import MinHasher, estimated_jaccard
+from pipelines.data.stats import partial_sums
 
 log = logging.getLogger("raylm")
 
@@ -57,71 +59,88 @@ def explode_band_keys(batch: pa.Table) -> pa.Table:
 
 @dataclass
 class NearDedupResult:
-    keepers: pd.DataFrame                      # id, keeper, cluster_size for every id in a duplicate cluster
+    keepers: object                            # Dataset: id, keeper, cluster_size for every id in a cluster
     stats: dict = field(default_factory=dict)
 
 
-def _collect_pairs(pairs_ds) -> tuple[np.ndarray, np.ndarray]:
-    left, right = [], []
-    for batch in pairs_ds.iter_batches(batch_format="pyarrow", batch_size=65536):
-        left.append(batch.column("id").to_numpy(zero_copy_only=False))
-        right.append(batch.column("other").to_numpy(zero_copy_only=False))
-    if not left:
-        return np.zeros(0, object), np.zeros(0, object)
-    return np.concatenate(left).astype(object), np.concatenate(right).astype(object)
+def _similar_pairs(batch: pa.Table, threshold: float) -> pa.Table:
+    """Candidate pairs whose signatures agree on at least ``threshold`` of the permutations -> edges u, v."""
+    n = batch.num_rows
+    if n == 0:
+        return pa.table({"u": pa.array([], pa.string()), "v": pa.array([], pa.string())})
+    a = batch.column("sig_a").combine_chunks()
+    b = batch.column("sig_b").combine_chunks()
+    width = a.type.list_size
+    sim = estimated_jaccard(a.values.to_numpy().reshape(n, width), b.values.to_numpy().reshape(n, width))
+    keep = pa.array(sim >= threshold)
+    return pa.table({"u": batch.column("id").filter(keep), "v": batch.column("other").filter(keep)})
 
 
-def _signatures_of(sig_ds, wanted: set[str]) -> dict[str, np.ndarray]:
-    """Signatures of just the documents in candidate pairs (a filter runs on the workers)."""
+def _as_edges(batch: pa.Table) -> pa.Table:
+    return pa.table({"u": batch.column("id"), "v": batch.column("other")})
 
-    wanted_ids = sorted(wanted)  # passed by value: Ray Data does not resolve ObjectRefs in fn_args
 
-    def keep_wanted(batch: pa.Table, wanted_ids) -> pa.Table:
-        import pyarrow.compute as pc
-        return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(wanted_ids, type=pa.string())))
+def _verified_edges(pairs_ds, sig_ds, cfg: NearDedupConfig, num_blocks: int):
+    """Both signatures joined onto every candidate pair (two hash joins on the cluster), then the estimated
+    Jaccard check: candidates that share one LSH band by chance are dropped."""
+    if cfg.threshold <= 0:
+        return pairs_ds.map_batches(_as_edges, batch_format="pyarrow")
+    sigs = sig_ds.select_columns(["id", "sig"])
+    with_a = pairs_ds.join(sigs.rename_columns({"sig": "sig_a"}), "inner", num_blocks, on=("id",))
+    with_b = with_a.join(sigs.rename_columns({"id": "other", "sig": "sig_b"}), "inner", num_blocks, on=("other",))
+    return with_b.map_batches(_similar_pairs, batch_format="pyarrow", fn_args=(cfg.threshold,))
 
-    out: dict[str, np.ndarray] = {}
-    picked = sig_ds.select_columns(["id", "sig"]).map_batches(
-        keep_wanted, batch_format="pyarrow", fn_args=(wanted_ids,))
-    for batch in picked.iter_batches(batch_format="pyarrow", batch_size=65536):
-        sigs = batch.column("sig").combine_chunks()
-        matrix = sigs.values.to_numpy().reshape(len(batch), sigs.type.list_size)
-        for doc_id, row in zip(batch.column("id").to_pylist(), matrix):
-            out[doc_id] = row
-    return out
+
+def _block_rows(table: pa.Table) -> pa.Table:
+    return pa.table({"n": [table.num_rows]})
+
+
+def _count_rows(ds) -> int:
+    """Rows of a materialized dataset, one number per block (``count()`` may run the lineage again)."""
+    return sum(row["n"] for row in ds.map_batches(_block_rows, batch_size=None, batch_format="pyarrow").take_all())
+
+
+def _centres(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table.column("id"), table.column("keeper")))
+
+
+def _cluster_stats(keepers_ds) -> dict:
+    """Cluster count and size histogram (one row per block and cluster size reaches the driver)."""
+    sizes = partial_sums(keepers_ds.map_batches(_centres, batch_format="pyarrow"), ["cluster_size"], [])
+    sizes = sizes.sort_values("cluster_size")
+    return {"clusters": int(sizes["docs"].sum()),
+            "cluster_sizes": {str(int(k)): int(v) for k, v in zip(sizes["cluster_size"], sizes["docs"])},
+            "duplicates": int(((sizes["cluster_size"] - 1) * sizes["docs"]).sum())}
 
 
 def near_duplicate_clusters(ds, cfg: NearDedupConfig, num_blocks: int) -> NearDedupResult:
-    """LSH candidates grouped by band key across the cluster, verified by estimated Jaccard, then
-    connected into clusters (keeper = smallest id)."""
+    """LSH candidates grouped by band key across the cluster, verified by estimated Jaccard, then connected
+    into clusters (keeper = smallest id), all as Ray Data operations: the driver only sees counts."""
     sig_ds = ds.select_columns(["id", "text"]).map_batches(
         signature_batch, batch_format="pyarrow", fn_args=(cfg,)).materialize()
     pairs_ds = (sig_ds.select_columns(["id", "band_keys", "has_words"])
                 .map_batches(explode_band_keys, batch_format="pyarrow")
                 .repartition(num_blocks, keys=["band_key"])
-                .map_batches(bucket_pairs, batch_size=None, batch_format="pandas"))
-    left, right = _collect_pairs(pairs_ds)
-    candidates = pd.DataFrame({"id": left, "other": right}).drop_duplicates()
-    stats = {"candidate_pairs": len(candidates)}
-    if cfg.threshold > 0 and len(candidates):
-        sigs = _signatures_of(sig_ds, set(candidates["id"]) | set(candidates["other"]))
-        a = np.stack([sigs[i] for i in candidates["id"]])
-        b = np.stack([sigs[i] for i in candidates["other"]])
-        candidates = candidates[estimated_jaccard(a, b) >= cfg.threshold]
-    stats["verified_pairs"] = len(candidates)
-    keepers = duplicate_keepers(candidates["id"].to_numpy(), candidates["other"].to_numpy())
-    clusters = keepers[keepers["id"] == keepers["keeper"]]
-    stats["clusters"] = len(clusters)
-    stats["cluster_sizes"] = {str(k): int(v) for k, v in clusters["cluster_size"].value_counts().sort_index().items()}
-    stats["duplicates"] = int((keepers["id"] != keepers["keeper"]).sum())
+                .map_batches(bucket_pairs, batch_size=None, batch_format="pandas")).materialize()
+    edges = _verified_edges(pairs_ds, sig_ds, cfg, num_blocks).materialize()
+    keepers, rounds = connected_components(edges, num_blocks)
+    stats = {"candidate_pairs": _count_rows(pairs_ds), "verified_pairs": _count_rows(edges),
+             "component_rounds": rounds, **_cluster_stats(keepers)}
     return NearDedupResult(keepers=keepers, stats=stats)
 
 
-def mark_near_duplicates(batch: pd.DataFrame, keepers: pd.DataFrame) -> pd.DataFrame:
-    """Adds ``duplicate_of`` (the cluster's keeper, "" for keepers and unique documents) and ``cluster_size``."""
-    by_id = keepers.set_index("id")
-    keeper = batch["id"].map(by_id["keeper"])
-    batch = batch.copy()
-    batch["duplicate_of"] = np.where(keeper.notna() & (keeper != batch["id"]), keeper, "").astype(str)
-    batch["cluster_size"] = batch["id"].map(by_id["cluster_size"]).fillna(1).astype(np.int64)
-    return batch
+def _fill_marks(table: pa.Table) -> pa.Table:
+    keeper = table.column("keeper")
+    is_duplicate = pc.fill_null(pc.not_equal(keeper, table.column("id")), False)  # no keeper: not in a cluster
+    marks = {"duplicate_of": pc.if_else(is_duplicate, keeper, ""),
+             "cluster_size": pc.cast(pc.fill_null(table.column("cluster_size"), 1), pa.int64())}
+    table = table.drop_columns(["keeper", "cluster_size"])
+    for name, column in marks.items():
+        table = table.append_column(name, column)
+    return table
+
+
+def mark_near_duplicates(ds, keepers_ds, num_blocks: int):
+    """Documents left-joined with the cluster members on ``id``: adds ``duplicate_of`` (the cluster's keeper,
+    "" for keepers and unique documents) and ``cluster_size``. ``ds`` must not have those columns yet."""
+    return ds.join(keepers_ds, "left_outer", num_blocks, on=("id",)).map_batches(_fill_marks, batch_format="pyarrow")

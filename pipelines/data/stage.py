@@ -17,6 +17,7 @@ from cluster.stage import StageContext
 from pipelines.data.clean import clean_batch
 from pipelines.data.dedup import exact_dedup, mark_near_duplicates, near_duplicate_clusters
 from pipelines.data.outputs import DataOutputs
+from pipelines.data.ray_context import configure_data_context
 from pipelines.data.sources import CorpusReadError, list_corpus_files, read_files_batch
 from pipelines.data.stats import StageClock, clean_stage_stats, partial_sums, reason_table
 from pipelines.data.tokenize import publish_manifest, tokenize_stage
@@ -114,7 +115,8 @@ def _near(cfg, kept, clock: StageClock, stats: dict):
     if not cfg.near_dedup.enabled:
         return kept, []
     result = near_duplicate_clusters(kept, cfg.near_dedup, cfg.num_blocks)
-    marked = kept.map_batches(mark_near_duplicates, batch_format="pandas", fn_args=(result.keepers,)).materialize()
+    unmarked = kept.select_columns(DOC_COLUMNS + ["bytes_out", "dedup_key"])  # drops exact dedup's marks
+    marked = mark_near_duplicates(unmarked, result.keepers, cfg.num_blocks).materialize()
     # cluster sizes come from the components (a near-dup cluster spans blocks); the rest from the rows
     stats["near_dedup"] = {**_dedup_stats(marked), **result.stats}
     clock.done("near_dedup", stats["near_dedup"]["docs_in"])
@@ -147,6 +149,7 @@ def run(ctx: StageContext) -> dict:
     outputs = DataOutputs(ctx.stage_dir("data"))
     outputs.reset()  # the stale manifest goes first: from here on, the data reads as incomplete
     ray = init_ray(recipe.ray, ctx.address)
+    configure_data_context()
     clock = StageClock()
     files, docs = _read_and_clean(ray, cfg, clock)
     stats, dropped, kept = _per_document_outputs(docs)
