@@ -101,3 +101,15 @@ def test_summary_keeps_the_last_record_of_each_step(tmp_path):
     assert summary["steps"] == 2 and summary["loss"] == 3.0 and summary["val_loss"] == 2.0
     assert summary["val_ppl"] == pytest.approx(math.exp(2.0), abs=0.01)
     assert summary["tokens_per_s"] == 20
+
+
+def test_compile_is_a_typed_recipe_key_and_the_gpu_recipe_enables_it():
+    from cluster.config import ConfigError
+    from cluster.recipe import PROJECT_ROOT, load_recipe
+
+    assert load_recipe(None, ["pretrain.compile=true"]).pretrain.compile
+    assert not load_recipe(None).pretrain.compile  # CPU default: a compile costs more than 200 tiny steps gain
+    assert load_recipe(PROJECT_ROOT / "configs" / "gpt-125m-gpu.yaml").pretrain.compile
+    with pytest.raises((ConfigError, ValueError), match="compile"):
+        load_recipe(None, ["pretrain.compile=fast"])
+

@@ -26,6 +26,9 @@ class TrainConfig:
     betas: list[float] | None = None
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
+    # torch.compile the model (DeepSpeed's engine.compile: inductor, in place, so checkpoints and exports keep
+    # their parameter names). Costs a one-off compile at the first step (and the first eval).
+    compile: bool = False
     eval_every: int = 25
     eval_batches: int = 8
     checkpoint_every: int = 50

@@ -42,4 +42,10 @@ def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_st
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=warmup_cosine(optimizer, cfg),
         config=build_ds_config(cfg, world_size, pipeline_stages))
+    if cfg.compile:
+        # DeepSpeed's compile (not torch.compile(model) before initialize): it compiles the wrapped module in
+        # place (nn.Module.compile), so parameter names, checkpoints and exports are unchanged, and ZeRO-3's
+        # gather/release hooks, installed by initialize, stay outside the graphs (DeepSpeed marks them
+        # compiler.disable). Plain torch.compile, not DeepCompile, which would JIT-build a native op.
+        engine.compile()
     return engine
