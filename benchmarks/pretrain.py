@@ -56,22 +56,27 @@ def write_random_shards(shards: Path, seq_len: int, vocab_size: int, rows: int) 
     return manifest
 
 
-def plain_torch_tokens_per_s(recipe, manifest: dict, shards: Path, steps: int, threads: int) -> float:
-    """The baseline: one process, the same global batch per step (micro_batch x grad_accum x workers)."""
+def plain_torch_tokens_per_s(recipe, manifest: dict, shards: Path, steps: int, threads: int,
+                             micro_batch: int) -> float:
+    """The baseline: one process, the same global batch per step (micro_batch x grad_accum x data-parallel
+    workers), taken ``micro_batch`` sequences at a time: its own best split, whatever raylm's micro-batch is."""
     cfg = recipe.pretrain
     torch.set_num_threads(threads)
     model = build_model(recipe.model, manifest["vocab_size"], recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, cfg)
-    batch = cfg.micro_batch_size * cfg.num_workers // max(1, cfg.pipeline_stages)
-    stream = iter(ShardBatches(shards, batch, recipe.seed)("train", 0, 1, 0))
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers // max(1, cfg.pipeline_stages)
+    if global_batch % micro_batch:
+        raise ValueError(f"baseline micro-batch {micro_batch} does not divide the global batch {global_batch}")
+    accum = global_batch // micro_batch
+    stream = iter(ShardBatches(shards, micro_batch, recipe.seed)("train", 0, 1, 0))
     speeds = []
     for step in range(steps):
         t0 = time.perf_counter()
         tokens = 0
-        for _ in range(cfg.grad_accum):
+        for _ in range(accum):
             inputs, labels = next(stream)
-            (lm_loss(model(inputs), labels) / cfg.grad_accum).backward()
+            (lm_loss(model(inputs), labels) / accum).backward()
             tokens += inputs.numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -153,14 +158,18 @@ def main() -> None:
         return
     common = [f"pretrain.max_steps={args.steps}", "pretrain.warmup_steps=2", f"pretrain.eval_every={args.steps}",
               f"pretrain.checkpoint_every={args.steps}", "pretrain.eval_batches=1", "pretrain.num_workers=2"]
-    variants = {"zero2": ["pretrain.zero_stage=2"],
-                # 4 micro-batches per step keep both stages busy (1 would run them one after the other); the
-                # global batch stays 16 sequences, as for zero2 (8 per worker x 2 data-parallel workers).
-                "pipeline2": ["pretrain.zero_stage=1", "pretrain.pipeline_stages=2", "model.tie_embeddings=false",
-                              "pretrain.micro_batch_size=4", "pretrain.grad_accum=4"]}
+    # name -> (overrides, the baseline's micro-batch). The baseline takes the same global batch per step as raylm
+    # in micro-batches of its own: 16 sequences at once for zero2 (8 per worker x 2 workers), 4 for pipeline2 (on
+    # 2 threads 4 and 8 were its fastest splits, 2 and 16 slower), fixed so a raylm recipe change cannot weaken it.
+    variants = {"zero2": (["pretrain.zero_stage=2"], 16),
+                # A 2-stage pipeline idles each stage for about one micro-batch per step (fill and drain): 16
+                # micro-batches of 2 make that 1/17 of the step, where 4 of 4 made it 1/5. The global batch is
+                # 32 sequences (2 x 16), so the bubble is amortized over more work; the baseline takes 32 too.
+                "pipeline2": (["pretrain.zero_stage=1", "pretrain.pipeline_stages=2", "model.tie_embeddings=false",
+                               "pretrain.micro_batch_size=2", "pretrain.grad_accum=16"], 4)}
     with tempfile.TemporaryDirectory(prefix="raylm-bench-") as tmp:
         results = {}
-        for name, extra in variants.items():
+        for name, (extra, base_micro) in variants.items():
             if name not in args.variants.split(","):
                 continue
             recipe = load_recipe(args.config, common + extra + list(args.overrides))
@@ -170,9 +179,11 @@ def main() -> None:
             shards = Path(tmp) / name / "data" / "shards"
             manifest = write_random_shards(shards, seq_len, recipe.tokenizer.vocab_size, rows)
             threads = cfg.num_workers * cfg.cpus_per_worker
-            base = plain_torch_tokens_per_s(recipe, manifest, shards, args.steps, threads)
+            base = plain_torch_tokens_per_s(recipe, manifest, shards, args.steps, threads, base_micro)
             ours, wall = raylm_tokens_per_s(recipe, manifest, shards, Path(tmp) / name / "pretrain")
             results[name] = {"raylm_tokens_per_s": round(ours), "plain_torch_tokens_per_s": round(base),
+                             "micro_batch": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
+                             "baseline_micro_batch": base_micro,
                              "ratio": round(ours / base, 3), "raylm_wall_s": round(wall, 1),
                              "load_average_1min": round(os.getloadavg()[0], 1)}
             print(f"{name}: raylm {ours:,.0f} tok/s vs plain PyTorch 1 process x {threads} threads {base:,.0f} "

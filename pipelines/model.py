@@ -198,14 +198,21 @@ def count_params(model: nn.Module, non_embedding: bool = False) -> int:
     return total
 
 
-def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), for MFU: 6 * N_matmul + 12 * n_layers * dim * seq_len.
+def layer_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> list[float]:
+    """Training FLOPs per token (forward + backward) of each entry of ``Transformer.as_layers()``: 0 for the
+    embedding (a lookup), 6 * N_matmul + 12 * dim * seq_len per block, 6 * dim * vocab_size for the head.
 
-    N_matmul counts the weights used in matrix multiplies (all projections and the LM head; not the embedding
-    lookup or norms). The second term is attention's QK^T and AV (PaLM appendix B convention, no causal
-    discount)."""
+    N_matmul counts the weights used in matrix multiplies (the projections; not norms). The second block term is
+    attention's QK^T and AV (PaLM appendix B convention, no causal discount). Pipeline stages are balanced on
+    these: the LM head of a small model costs as much as several blocks, so balancing parameter counts (the
+    embedding weighs as much as the head but costs nothing) leaves the last stage doing twice the work."""
     head_dim = cfg.dim // cfg.n_heads
     attn = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # wq, wo, wk, wv
     mlp = 3 * cfg.dim * cfg.ffn_dim
-    n_matmul = cfg.n_layers * (attn + mlp) + cfg.dim * vocab_size
-    return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    block = 6.0 * (attn + mlp) + 12.0 * cfg.dim * seq_len
+    return [0.0, *[block] * cfg.n_layers, 6.0 * cfg.dim * vocab_size]
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token of the whole model, for MFU: the sum of ``layer_flops_per_token``."""
+    return sum(layer_flops_per_token(cfg, vocab_size, seq_len))

@@ -113,3 +113,19 @@ def test_compile_is_a_typed_recipe_key_and_the_gpu_recipe_enables_it():
     with pytest.raises((ConfigError, ValueError), match="compile"):
         load_recipe(None, ["pretrain.compile=fast"])
 
+
+def test_pipeline_stages_are_balanced_on_compute_not_parameters():
+    from deepspeed.runtime.utils import partition_balanced
+
+    from cluster.recipe import load_recipe
+    from pipelines.model import build_model, flops_per_token, layer_flops_per_token
+
+    recipe = load_recipe(None, ["model.tie_embeddings=false"])  # tiny-cpu: 4 blocks, vocab 4096, seq 255
+    costs = layer_flops_per_token(recipe.model, 4096, 255)
+    assert sum(costs) == flops_per_token(recipe.model, 4096, 255)
+    assert costs[0] == 0 and costs[-1] > costs[1]  # the embedding is a lookup; the LM head outweighs a block
+    # [embedding, 3 blocks | 1 block, head]: DeepSpeed's parameter balance gave [embedding, 2 | 2, head], which
+    # left the second stage twice the first one's work.
+    assert list(partition_balanced(costs, 2)) == [0, 4, 6]
+    params = [sum(p.numel() for p in layer.parameters()) for layer in build_model(recipe.model, 4096, 0).as_layers()]
+    assert list(partition_balanced(params, 2)) == [0, 3, 6]

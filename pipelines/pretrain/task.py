@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cluster.schemas.model import ModelConfig
 from cluster.schemas.train import PretrainConfig
 from pipelines.hf_export import HFExporter
-from pipelines.model import build_model, flops_per_token
+from pipelines.model import build_model, flops_per_token, layer_flops_per_token
 from pipelines.pretrain.shards import ShardBatches
 from pipelines.train.task import TrainTask
 
@@ -32,12 +32,14 @@ def model_layers(model) -> list:
 def pretrain_task(model_cfg: ModelConfig, cfg: PretrainConfig, manifest: dict, shards_dir: str | Path,
                   seed: int) -> TrainTask:
     vocab_size = int(manifest["vocab_size"])
+    seq_len = int(manifest["seq_len"]) - 1  # inputs and labels are the sequence shifted by one
     return TrainTask(
         build_model=functools.partial(build_model, model_cfg, vocab_size, seed),
         loss_fn=lm_step_loss,
         batches=ShardBatches(shards_dir, cfg.micro_batch_size, seed),
         export=HFExporter(model_cfg, vocab_size, manifest["tokenizer_dir"]),
-        flops_per_token=flops_per_token(model_cfg, vocab_size, int(manifest["seq_len"]) - 1),
+        flops_per_token=flops_per_token(model_cfg, vocab_size, seq_len),
         pipeline_layers=model_layers,
         pipeline_loss=lm_loss,
+        pipeline_costs=layer_flops_per_token(model_cfg, vocab_size, seq_len),
     )

@@ -30,6 +30,8 @@ class TrainTask:
     - ``pipeline_layers(model)`` and ``pipeline_loss(outputs, labels)``: only for DeepSpeed pipeline
       parallelism: the model as an ordered list of one-tensor-in/one-tensor-out submodules of ``model``, and
       the loss on the last stage; pipeline batches must then be ``(inputs, labels)`` tensor pairs.
+    - ``pipeline_costs``: optional relative compute cost of each of those layers (e.g. training FLOPs per token);
+      the stages are then balanced on it instead of on parameter counts (see ``builder.CostBalancedPipeline``).
     """
 
     build_model: Callable[[], nn.Module]
@@ -40,6 +42,7 @@ class TrainTask:
     flops_per_token: float = 0.0
     pipeline_layers: Callable[[nn.Module], list[nn.Module]] | None = None
     pipeline_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    pipeline_costs: list[float] | None = None
 
 
 def count_tokens(task: TrainTask, batch: Any) -> int:
