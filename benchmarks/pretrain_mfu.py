@@ -51,9 +51,12 @@ def write_synthetic_shards(run_dir: Path, vocab_size: int, seq_len: int, sequenc
 
 
 def plain_torch_tokens_per_s(recipe, vocab_size: int, steps: int) -> float:
-    """Baseline: one process, the same model and micro-batch, bf16 autocast, fused torch AdamW."""
+    """Baseline: one process, the same model and micro-batch, bf16 autocast, fused torch AdamW; compiled with
+    torch.compile when the recipe compiles raylm's model (compiled against compiled, never against eager)."""
     device = torch.device("cuda")
     model = build_model(recipe.model, vocab_size, seed=0).to(device)
+    if recipe.pretrain.compile:
+        model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain.lr, fused=True)
     b, t = recipe.pretrain.micro_batch_size, recipe.data.tokenize.seq_len - 1
     x = torch.randint(0, vocab_size, (b, t + 1), device=device)
