@@ -105,3 +105,21 @@ def test_on_ray_matches_scipy_on_chains_and_random_edges(ray_cluster):
     keep = u != v
     assert _as_dict(keepers.to_pandas()) == _as_dict(duplicate_keepers(u[keep], v[keep]))
     assert rounds >= 2  # the path needs real iterations, not just the settled check
+
+
+@pytest.mark.ray
+def test_near_dedup_without_any_candidate_marks_nothing(ray_cluster):
+    """No LSH candidate at all: Ray Data drops the empty blocks (and with them the schema); the stage must
+    still return typed, empty clusters that the marking join accepts."""
+    import ray
+
+    from cluster.schemas.data import NearDedupConfig
+    from pipelines.data.dedup import mark_near_duplicates, near_duplicate_clusters
+
+    docs = [{"id": f"d{i}", "text": " ".join(f"w{i}x{j}" for j in range(30))} for i in range(6)]
+    ds = ray.data.from_items(docs, override_num_blocks=2)
+    result = near_duplicate_clusters(ds, NearDedupConfig(), num_blocks=2)
+    assert result.stats["candidate_pairs"] == 0 and result.stats["clusters"] == 0
+    marked = mark_near_duplicates(ds, result.keepers, num_blocks=2).to_pandas()
+    assert sorted(marked["id"]) == [d["id"] for d in docs]
+    assert set(marked["duplicate_of"]) == {""} and set(marked["cluster_size"]) == {1}

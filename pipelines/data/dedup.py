@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from cluster.schemas.data import NearDedupConfig
 from pipelines.data.components import bucket_pairs, mark_exact_duplicates
-from pipelines.data.graph import connected_components
+from pipelines.data.graph import MEMBER_SCHEMA, connected_components, typed
 from pipelines.data.minhash import MinHasher, estimated_jaccard
 from pipelines.data.stats import partial_sums
 
@@ -55,6 +56,9 @@ def explode_band_keys(batch: pa.Table) -> pa.Table:
     bands = keys.type.list_size
     ids = np.asarray(batch.column("id").to_numpy(zero_copy_only=False), dtype=object)
     return pa.table({"band_key": keys.values, "id": pa.array(np.repeat(ids, bands), type=pa.string())})
+
+
+PAIR_SCHEMA = pa.schema([("id", pa.string()), ("other", pa.string())])
 
 
 @dataclass
@@ -121,11 +125,16 @@ def near_duplicate_clusters(ds, cfg: NearDedupConfig, num_blocks: int) -> NearDe
     pairs_ds = (sig_ds.select_columns(["id", "band_keys", "has_words"])
                 .map_batches(explode_band_keys, batch_format="pyarrow")
                 .repartition(num_blocks, keys=["band_key"])
-                .map_batches(bucket_pairs, batch_size=None, batch_format="pandas")).materialize()
-    edges = _verified_edges(pairs_ds, sig_ds, cfg, num_blocks).materialize()
-    keepers, rounds = connected_components(edges, num_blocks)
-    stats = {"candidate_pairs": _count_rows(pairs_ds), "verified_pairs": _count_rows(edges),
-             "component_rounds": rounds, **_cluster_stats(keepers)}
+                .map_batches(typed(bucket_pairs, PAIR_SCHEMA), batch_size=None, batch_format="pandas")).materialize()
+    stats = {"candidate_pairs": _count_rows(pairs_ds), "verified_pairs": 0, "component_rounds": 0}
+    # Ray Data drops empty blocks: a dataset with no rows has no schema either, and a join with it fails
+    keepers = ray.data.from_arrow(MEMBER_SCHEMA.empty_table())
+    if stats["candidate_pairs"]:
+        edges = _verified_edges(pairs_ds, sig_ds, cfg, num_blocks).materialize()
+        stats["verified_pairs"] = _count_rows(edges)
+        if stats["verified_pairs"]:
+            keepers, stats["component_rounds"] = connected_components(edges, num_blocks)
+    stats.update(_cluster_stats(keepers))
     return NearDedupResult(keepers=keepers, stats=stats)
 
 

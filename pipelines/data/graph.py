@@ -92,6 +92,19 @@ def star_members(adj: pd.DataFrame) -> pd.DataFrame:
     return out.astype({"id": object, "keeper": object})
 
 
+EDGE_SCHEMA = pa.schema([("u", pa.string()), ("v", pa.string())])
+MEMBER_SCHEMA = pa.schema([("id", pa.string()), ("keeper", pa.string()), ("cluster_size", pa.int64())])
+
+
+def typed(fn, schema: pa.Schema):
+    """``fn`` with its pandas result as an arrow table of ``schema``: an empty pandas object column would
+    otherwise become arrow's null type, which Ray Data's joins then treat as a missing column."""
+    def run(df: pd.DataFrame) -> pa.Table:
+        return pa.Table.from_pandas(fn(df), schema=schema, preserve_index=False)
+    run.__name__ = fn.__name__
+    return run
+
+
 def connected_components(edges_ds, num_blocks: int) -> tuple[object, int]:
     """Dataset of edges ``u, v`` -> (materialized dataset ``id, keeper, cluster_size`` of every node in an edge,
     rounds run). The driver sees one integer per block per round."""
@@ -100,9 +113,11 @@ def connected_components(edges_ds, num_blocks: int) -> tuple[object, int]:
                .repartition(num_blocks, keys=["node"]).materialize())
         counts = adj.map_batches(unsettled_count, batch_size=None, batch_format="pandas").take_all()
         if sum(row["unsettled"] for row in counts) == 0:
-            return adj.map_batches(star_members, batch_size=None, batch_format="pandas").materialize(), rounds
-        edges_ds = (adj.map_batches(large_star, batch_size=None, batch_format="pandas")
+            members = adj.map_batches(typed(star_members, MEMBER_SCHEMA), batch_size=None, batch_format="pandas")
+            return members.materialize(), rounds
+        edges_ds = (adj.map_batches(typed(large_star, EDGE_SCHEMA), batch_size=None, batch_format="pandas")
                     .map_batches(larger_to_smaller, batch_format="pyarrow")
                     .repartition(num_blocks, keys=["node"])
-                    .map_batches(small_star, batch_size=None, batch_format="pandas").materialize())
+                    .map_batches(typed(small_star, EDGE_SCHEMA), batch_size=None, batch_format="pandas")
+                    .materialize())
     raise RuntimeError(f"connected components did not converge in {MAX_ROUNDS} rounds")
