@@ -1,12 +1,15 @@
 """Near-dedup benchmark: docs/s and precision/recall on planted duplicates, same corpus, same run.
 
-    .venv/bin/python benchmarks/dedup.py [--docs 20000] [--words 200] [--num-cpus 2]
+    .venv/bin/python benchmarks/dedup.py [--docs 20000] [--words 200] [--num-cpus 2] [--no-datatrove]
 
-Compared (all with 128 permutations, 5-word shingles of lower-cased \\w+ words, Jaccard threshold 0.8):
-- baseline ``datasketch``: MinHash per document + MinHashLSH(threshold=0.8) insert/query, then clusters;
+Compared (all with 128 permutations, 5-word shingles of lower-cased \\w+ words, NearDedupConfig's Jaccard
+threshold 0.75):
+- baseline ``datasketch``: MinHash per document + MinHashLSH(threshold=0.75) insert/query, then clusters;
 - ``raylm-local``: pipelines/data/dedup_local.py (numpy MinHash, one process);
 - ``raylm-ray``: pipelines/data/dedup.py on a local Ray cluster (the ``raylm data`` code path), warm;
-datatrove's MinHash is not compared: it is a 4-step on-disk pipeline not wired up here (docs/data.md).
+- ``datatrove`` 0.10.1: its 4 on-disk MinHash stages with 2 local workers, in its own venv
+  (benchmarks/datatrove_minhash.py: built once under ~/.cache/raylm; what differs from ours is listed there);
+  its stage time only, as spaCy (shipped) and with a str.split() tokenizer.
 Precision/recall are over duplicate pairs: pairs of documents put in one cluster vs planted clusters.
 """
 from __future__ import annotations
@@ -84,9 +87,12 @@ def run_ray(ds, cfg, num_blocks: int):
 
 
 def measure(name, fn, n_docs, truth, baseline_rate=None):
+    """``fn`` returns the keepers, or (seconds it measured itself, keepers)."""
     start = time.perf_counter()
     keepers = fn()
     seconds = time.perf_counter() - start
+    if isinstance(keepers, tuple):
+        seconds, keepers = keepers
     if not hasattr(keepers, "itertuples"):  # a Ray Dataset: fetched for scoring only, after the clock
         keepers = keepers.to_pandas()
     p, r = precision_recall(pairs_of(clusters_from_keepers(keepers)), truth)
@@ -102,6 +108,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=200)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--no-datatrove", action="store_true")
     args = parser.parse_args()
     corpus = planted_corpus(n_base=args.docs, words=args.words, seed=1)
     ids = [d["id"] for d in corpus.docs]
@@ -112,7 +119,16 @@ def main() -> None:
           f"{len(corpus.hard_negatives)} hard negatives; bands x rows {cfg.bands}x{cfg.rows}, "
           f"threshold {cfg.threshold}")
     base = measure("datasketch", lambda: run_datasketch(ids, texts, cfg), len(ids), truth)
-    measure("raylm-local", lambda: run_local(ids, texts, cfg), len(ids), truth, base)
+    rates = {"raylm-local": measure("raylm-local", lambda: run_local(ids, texts, cfg), len(ids), truth, base)}
+    if not args.no_datatrove:
+        from datatrove_minhash import run_datatrove
+        for tokenizer in ("spacy", "split"):
+            try:
+                rates[f"datatrove-{tokenizer}"] = measure(
+                    f"datatrove-{tokenizer}", lambda tok=tokenizer: run_datatrove(ids, texts, cfg, tok, args.num_cpus),
+                    len(ids), truth, base)
+            except RuntimeError as exc:
+                print(f"datatrove-{tokenizer}: not measured: {str(exc)[:300]}")
     if not args.no_ray:
         import ray
 
@@ -125,9 +141,13 @@ def main() -> None:
             blocks = max(2, args.num_cpus * 2)
             run_ray(ray_dataset(ids[:2000], texts[:2000], blocks), cfg, blocks)  # warm-up, not timed
             ds = ray_dataset(ids, texts, blocks)  # loading the corpus is not part of the stage
-            measure("raylm-ray", lambda: run_ray(ds, cfg, blocks), len(ids), truth, base)
+            rates["raylm-ray"] = measure("raylm-ray", lambda: run_ray(ds, cfg, blocks), len(ids), truth, base)
         finally:
             ray.shutdown()
+    for ours in ("raylm-local", "raylm-ray"):
+        for other in ("datatrove-spacy", "datatrove-split"):
+            if ours in rates and other in rates:
+                print(f"{ours} vs {other}: {rates[ours] / rates[other]:.2f}x")
 
 
 if __name__ == "__main__":
