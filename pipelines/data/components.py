@@ -1,7 +1,7 @@
-"""Duplicate clusters from candidate pairs: connected components, keeper = the smallest id.
-
-Why hand-written: Ray Data has no graph algorithms. The graph here holds only documents that share an LSH
-bucket with another, verified, document (duplicates, not the corpus); scipy computes the components.
+"""Per-block dedup functions (exact keepers, LSH bucket pairs) and ``duplicate_keepers``: connected components
+of candidate pairs in one process with scipy, keeper = the smallest id. ``raylm data`` computes components on
+the cluster (pipelines/data/graph.py); ``duplicate_keepers`` serves the single-process path, the benchmark's
+baselines and the tests, as the reference the distributed result must equal.
 """
 from __future__ import annotations
 

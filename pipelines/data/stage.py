@@ -1,7 +1,8 @@
 """``raylm data``: read -> normalize/quality/pii -> exact dedup -> near dedup -> tokenize/pack -> shards.
 
 Ray Data from end to end: every stage runs on the cluster's workers; the driver sees file lists, one row
-per drop reason, the documents of duplicate clusters, and one summary row per written shard.
+per drop reason, per-block counts, one summary row per written shard, and (when the run has no tokenizer)
+the streamed tokenizer sample, bounded by ``tokenizer.train_docs``.
 """
 from __future__ import annotations
 
