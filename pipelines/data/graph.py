@@ -7,7 +7,9 @@ components are near-stars already. When no node has both a smaller neighbour and
 component is a star around its smallest id: that id is the keeper (the rule ``duplicate_keepers`` also uses).
 
 Edges are string pairs ``u, v``; an adjacency is ``node, nbr`` with both directions of every edge, shuffled so
-that all rows of a node sit in one block (the ``repartition(keys=...)`` guarantee the dedup stages rely on).
+that all rows of a node sit in one block (the ``repartition(keys=...)`` guarantee the dedup stages rely on: Ray
+2.60 plans a keyed repartition with block splitting disallowed, so a partition stays one block whatever its
+size, and ``batch_size=None`` hands that whole block to the function).
 """
 from __future__ import annotations
 
