@@ -82,9 +82,8 @@ def star_members(adj: pd.DataFrame) -> pd.DataFrame:
     if adj.empty:
         return _no_rows(["id", "keeper"]).assign(cluster_size=pd.Series([], dtype="int64"))
     adj = adj.drop_duplicates()
-    group = adj.groupby("node")["nbr"]
-    centre = adj["node"].map(group.min() > group.min().index.to_series())
-    rows = adj[centre.to_numpy(dtype=bool)]
+    smallest = adj.groupby("node")["nbr"].transform("min")
+    rows = adj[smallest > adj["node"]]  # centres: every neighbour is larger
     size = rows.groupby("node")["nbr"].transform("size") + 1
     leaves = pd.DataFrame({"id": rows["nbr"], "keeper": rows["node"], "cluster_size": size})
     first = ~rows["node"].duplicated()

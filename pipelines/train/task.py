@@ -31,7 +31,7 @@ class TrainTask:
       parallelism: the model as an ordered list of one-tensor-in/one-tensor-out submodules of ``model``, and
       the loss on the last stage; pipeline batches must then be ``(inputs, labels)`` tensor pairs.
     - ``pipeline_costs``: optional relative compute cost of each of those layers (e.g. training FLOPs per token);
-      the stages are then balanced on it instead of on parameter counts (see ``builder.CostBalancedPipeline``).
+      the stages are then balanced on it instead of on parameter counts (see ``builder.cost_balanced_pipeline``).
     """
 
     build_model: Callable[[], nn.Module]
