@@ -7,11 +7,8 @@ ZeRO-2 data parallel and for 2-stage pipeline parallel (ZeRO-1, untied embedding
 
     .venv/bin/python benchmarks/pretrain.py                 # tiny-cpu recipe, 30 steps each
     .venv/bin/python benchmarks/pretrain.py --steps 50 -c configs/tiny-cpu.yaml model.dim=256
-    python3 benchmarks/pretrain.py --gpu-mfu -c configs/gpt-125m-gpu.yaml   # one GPU: MFU of the engine's step
 
-``--gpu-mfu`` builds the very DeepSpeed engine a raylm worker builds (``pipelines.train.builder``: recipe-derived
-config, ZeRO stage, bf16, torch AdamW, warmup+cosine) in one process on one GPU, without Ray, and reports
-tokens/s and MFU against the GPU's dense bf16 peak (Ray Train adds no per-step work on a single worker).
+GPU MFU of a recipe through the same Ray Train path: ``benchmarks/pretrain_mfu.py``.
 """
 from __future__ import annotations
 
@@ -35,7 +32,7 @@ from cluster.recipe import load_recipe
 from cluster.rundir import read_metrics
 from pipelines.model import build_model
 from pipelines.pretrain.shards import ShardBatches
-from pipelines.pretrain.task import lm_loss, pretrain_task
+from pipelines.pretrain.task import pretrain_task
 from pipelines.train.schedule import warmup_cosine
 
 WARMUP_STEPS = 5  # excluded from the medians (allocator, BLAS and gloo warm-up)
@@ -76,7 +73,7 @@ def plain_torch_tokens_per_s(recipe, manifest: dict, shards: Path, steps: int, t
         tokens = 0
         for _ in range(accum):
             inputs, labels = next(stream)
-            (lm_loss(model(inputs), labels) / accum).backward()
+            (model(inputs, labels) / accum).backward()
             tokens += inputs.numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -99,63 +96,13 @@ def raylm_tokens_per_s(recipe, manifest: dict, shards: Path, stage_dir: Path) ->
     return statistics.median(speeds), wall
 
 
-def gpu_mfu(config: str | None, steps: int, overrides: list[str]) -> dict:
-    import functools
-    import os
-
-    import deepspeed
-
-    from pipelines.model import flops_per_token
-    from pipelines.pretrain.task import lm_step_loss
-    from pipelines.train.builder import build_engine
-    from pipelines.train.flops import gpu_peak_flops
-    from pipelines.train.task import TrainTask
-
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl")
-    recipe = load_recipe(config, ["pretrain.num_workers=1", f"pretrain.max_steps={steps}",
-                                  "pretrain.warmup_steps=2", *overrides])
-    cfg, vocab, seq = recipe.pretrain, recipe.tokenizer.vocab_size, recipe.data.tokenize.seq_len
-    task = TrainTask(build_model=functools.partial(build_model, recipe.model, vocab, recipe.seed),
-                     loss_fn=lm_step_loss, batches=None)
-    engine = build_engine(task, cfg, world_size=1, pipeline_stages=1)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    speeds = []
-    for step in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(cfg.grad_accum):
-            tokens = torch.randint(0, vocab, (cfg.micro_batch_size, seq), device="cuda", generator=gen)
-            loss, _ = lm_step_loss(engine, (tokens[:, :-1], tokens[:, 1:]))
-            engine.backward(loss)
-            engine.step()
-        torch.cuda.synchronize()
-        if step >= WARMUP_STEPS:
-            speeds.append(cfg.grad_accum * cfg.micro_batch_size * (seq - 1) / (time.perf_counter() - t0))
-    tokens_per_s = statistics.median(speeds)
-    flops = flops_per_token(recipe.model, vocab, seq - 1)
-    peak = gpu_peak_flops(torch.cuda.get_device_name())
-    result = {"gpu": torch.cuda.get_device_name(), "recipe": recipe.name, "precision": cfg.precision,
-              "zero_stage": cfg.zero_stage, "params_m": round(sum(p.numel() for p in engine.module.parameters()) / 1e6, 1),
-              "tokens_per_s": round(tokens_per_s), "mfu": round(flops * tokens_per_s / peak, 3) if peak else None,
-              "peak_tflops": peak / 1e12 if peak else None, "max_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
-    print(json.dumps(result), flush=True)
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default=None)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--variants", default="zero2,pipeline2", help="comma-separated: zero2, pipeline2")
-    parser.add_argument("--gpu-mfu", action="store_true", help="one GPU, no Ray: MFU of the engine's step")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if args.gpu_mfu:
-        gpu_mfu(args.config, args.steps, list(args.overrides))
-        return
     common = [f"pretrain.max_steps={args.steps}", "pretrain.warmup_steps=2", f"pretrain.eval_every={args.steps}",
               f"pretrain.checkpoint_every={args.steps}", "pretrain.eval_batches=1", "pretrain.num_workers=2"]
     # name -> (overrides, the baseline's micro-batch). The baseline takes the same global batch per step as raylm

@@ -152,8 +152,13 @@ class Transformer(nn.Module):
         """The model as a tensor -> tensor chain: [EmbeddingLayer, Block_0..Block_{n-1}, HeadLayer]."""
         return [self.embed, *self.layers, self.head]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens LongTensor[B, T] -> logits FloatTensor[B, T, V]."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens LongTensor[B, T] -> logits [B, T, V]; with labels LongTensor[B, T], the mean next-token loss.
+
+        The loss lives in forward so that a compiled model (torch.compile / ``engine.compile()``) compiles it
+        too: inductor then fuses the fp32 upcast and log-softmax over the vocabulary into the head's graph
+        instead of materialising [B, T, V] fp32 logits and their gradient in memory (measured on the 125M GPU
+        recipe, see docs/pretrain.md)."""
         x = tokens
         for layer in self.as_layers():
             if self.gradient_checkpointing and self.training and isinstance(layer, Block):
@@ -161,7 +166,12 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
-        return x
+        return x if labels is None else next_token_loss(x, labels)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, V] against labels [B, T], in fp32 whatever the training precision."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
 
 
 def init_weights(model: Transformer, seed: int) -> None:

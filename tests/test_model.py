@@ -33,6 +33,25 @@ def test_as_layers_is_a_tensor_chain_equal_to_forward():
     assert torch.equal(h, model(x))
 
 
+def test_forward_with_labels_returns_the_next_token_loss_and_its_gradients():
+    # The loss is computed inside forward so torch.compile fuses it with the head; it must be exactly the
+    # cross-entropy of the logits, with the same gradients.
+    model = build_model(CFG, VOCAB, seed=0)
+    seq = tokens(2, 17, seed=1)
+    inputs, labels = seq[:, :-1], seq[:, 1:]
+    loss = model(inputs, labels)
+    assert loss.shape == () and loss.dtype == torch.float32
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(inputs)
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+    reference.backward()
+    assert torch.allclose(loss, reference, rtol=0, atol=1e-6)
+    for name, param in model.named_parameters():
+        assert torch.allclose(grads[name], param.grad, rtol=1e-5, atol=1e-7), name
+
+
 def test_blocks_own_rope_tables_outside_the_state_dict():
     model = build_model(CFG, VOCAB, seed=0)
     block = model.layers[0]

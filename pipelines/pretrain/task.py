@@ -5,24 +5,20 @@ import functools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cluster.schemas.model import ModelConfig
 from cluster.schemas.train import PretrainConfig
 from pipelines.hf_export import HFExporter
-from pipelines.model import build_model, flops_per_token, layer_flops_per_token
+from pipelines.model import build_model, flops_per_token, layer_flops_per_token, next_token_loss
 from pipelines.pretrain.shards import ShardBatches
 from pipelines.train.task import TrainTask
 
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (in fp32 whatever the training precision)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+lm_loss = next_token_loss  # the pipeline's last-stage loss: the same function the whole model uses
 
 
 def lm_step_loss(model_engine, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     inputs, labels = batch
-    return lm_loss(model_engine(inputs), labels), {}
+    return model_engine(inputs, labels), {}  # loss inside forward: compiled with the model
 
 
 def model_layers(model) -> list:

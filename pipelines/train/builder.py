@@ -59,7 +59,11 @@ def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_st
                                        activation_checkpoint_interval=int(cfg.activation_checkpointing),
                                        activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False))
     betas = tuple(cfg.betas) if cfg.betas else (0.9, 0.95)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas)
+    # On GPUs the fused AdamW kernel: one pass over the fp32 master weights where the default (foreach) makes
+    # several (+1.6 MFU points on the 125M recipe at 32 x 2 on an H100, docs/pretrain.md). CPU runs keep the
+    # default, which the bitwise resume tests pin.
+    fused = True if cfg.gpus_per_worker > 0 else None
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, fused=fused)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=warmup_cosine(optimizer, cfg),
         config=build_ds_config(cfg, world_size, pipeline_stages))

@@ -53,13 +53,15 @@ def train_step(engine, task: TrainTask, stream: BatchStream, cfg: TrainConfig, p
     if pipeline:
         # PipelineEngine pulls grad_accum micro-batches itself and returns the loss averaged over data ranks.
         return float(engine.train_batch(data_iter=stream))
-    losses = []
+    total = torch.zeros((), dtype=torch.float32, device=engine.device)
     for _ in range(cfg.grad_accum):
         loss, _ = task.loss_fn(engine, next(stream))
         engine.backward(loss)
         engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
-        losses.append(float(loss.detach()))
-    return _mean_over_ranks(sum(losses) / len(losses), engine.device)
+        # Summed on the device: a float() here would wait for the GPU after every micro-batch, and the host
+        # could no longer queue the next micro-batch's kernels while this one runs.
+        total += loss.detach().float()
+    return _mean_over_ranks(float(total) / cfg.grad_accum, engine.device)
 
 
 @torch.no_grad()
