@@ -118,25 +118,26 @@ def main() -> None:
                 "pipeline2": (["pretrain.zero_stage=1", "pretrain.pipeline_stages=2", "model.tie_embeddings=false",
                                "pretrain.micro_batch_size=2", "pretrain.grad_accum=16"], 4)}
     load_before = os.getloadavg()[0]  # before our own processes add to it
+    chosen = [name for name in variants if name in args.variants.split(",")]
     with tempfile.TemporaryDirectory(prefix="raylm-bench-") as tmp:
-        results: dict[str, dict] = {}
+        prepared = {}  # name -> (recipe, base_micro, shards, manifest): shards written once, reused by every repeat
+        for name in chosen:
+            extra, base_micro = variants[name]
+            recipe = load_recipe(args.config, common + extra + list(args.overrides))
+            cfg = recipe.pretrain
+            rows = 2 * args.steps * cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers
+            shards = Path(tmp) / name / "data" / "shards"
+            manifest = write_random_shards(shards, recipe.data.tokenize.seq_len, recipe.tokenizer.vocab_size, rows)
+            prepared[name] = (recipe, base_micro, shards, manifest)
+        results = {name: {"micro_batch": p[0].pretrain.micro_batch_size, "grad_accum": p[0].pretrain.grad_accum,
+                          "baseline_micro_batch": p[1], "runs": []} for name, p in prepared.items()}
         for repeat in range(args.repeats):
-            for name, (extra, base_micro) in variants.items():
-                if name not in args.variants.split(","):
-                    continue
-                recipe = load_recipe(args.config, common + extra + list(args.overrides))
-                cfg = recipe.pretrain
-                seq_len = recipe.data.tokenize.seq_len
-                rows = 2 * args.steps * cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers
-                shards = Path(tmp) / name / "data" / "shards"
-                manifest = write_random_shards(shards, seq_len, recipe.tokenizer.vocab_size, rows)
-                threads = cfg.num_workers * cfg.cpus_per_worker
+            for name, (recipe, base_micro, shards, manifest) in prepared.items():
+                threads = recipe.pretrain.num_workers * recipe.pretrain.cpus_per_worker
                 base = plain_torch_tokens_per_s(recipe, manifest, shards, args.steps, threads, base_micro)
                 ours, wall = raylm_tokens_per_s(recipe, manifest, shards, Path(tmp) / name / f"pretrain-{repeat}")
-                runs = results.setdefault(name, {"micro_batch": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
-                                                 "baseline_micro_batch": base_micro, "runs": []})["runs"]
-                runs.append({"raylm_tokens_per_s": round(ours), "plain_torch_tokens_per_s": round(base),
-                             "ratio": round(ours / base, 3), "raylm_wall_s": round(wall, 1)})
+                results[name]["runs"].append({"raylm_tokens_per_s": round(ours), "plain_torch_tokens_per_s": round(base),
+                                              "ratio": round(ours / base, 3), "raylm_wall_s": round(wall, 1)})
                 print(f"{name} (run {repeat + 1}/{args.repeats}): raylm {ours:,.0f} tok/s vs plain PyTorch 1 process"
                       f" x {threads} threads {base:,.0f} tok/s -> ratio {ours / base:.2f}x (raylm fit wall {wall:.0f}s"
                       " incl. Ray start-up)", flush=True)
@@ -149,6 +150,7 @@ def main() -> None:
             # other jobs than single-threaded workers do: on a busy machine the ratio flatters raylm.
             print(f"warning: load average {load_before:.1f} before the benchmark started: other jobs were "
                   "running, the ratio is not trustworthy; rerun on an idle machine", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -13,8 +13,6 @@ from pipelines.model import build_model, flops_per_token, layer_flops_per_token,
 from pipelines.pretrain.shards import ShardBatches
 from pipelines.train.task import TrainTask
 
-lm_loss = next_token_loss  # the pipeline's last-stage loss: the same function the whole model uses
-
 
 def lm_step_loss(model_engine, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     inputs, labels = batch
@@ -36,6 +34,6 @@ def pretrain_task(model_cfg: ModelConfig, cfg: PretrainConfig, manifest: dict, s
         export=HFExporter(model_cfg, vocab_size, manifest["tokenizer_dir"]),
         flops_per_token=flops_per_token(model_cfg, vocab_size, seq_len),
         pipeline_layers=model_layers,
-        pipeline_loss=lm_loss,
+        pipeline_loss=next_token_loss,  # the last stage's loss: the one the whole model computes
         pipeline_costs=layer_flops_per_token(model_cfg, vocab_size, seq_len),
     )
