@@ -1,9 +1,13 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
-``RunningBatch`` holds the KV cache of every request in flight (left-padded to one width). A new request is
-prefilled on its own and its cache is merged in; a finished or cancelled one is dropped from the cache at once.
+``RunningBatch`` holds the KV cache of every request in flight (left-padded to one width). New requests are
+prefilled together and their cache is merged in; a finished or cancelled one is dropped from the cache at once.
 So a request never waits for a whole batch to finish, only for the step in progress. ``Scheduler`` runs a
 RunningBatch in a background thread and streams each request's deltas through a callback.
+
+Isolation: whatever one request brings (a bad prompt, parameters that fail its sampling) fails that request
+alone. ``add`` changes nothing until every new row is built and prefilled, and ``step`` samples each row on its
+own, so one row's error never shifts or fails the others.
 
 transformers has no continuous batching for its default (DynamicCache) path with per-request sampling, hence
 this; the cache surgery relies only on DynamicLayer's ``keys``/``values`` tensors ([batch, heads, seq, dim]).
@@ -13,11 +17,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from serve.engine import Delta, Engine, SamplingParams, _Row, left_pad, merge, sample_tokens
+from serve.engine import Delta, Engine, SamplingParams, TokenLogprob, left_pad, merge
 
 
 def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -25,56 +30,91 @@ def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - t.shape[dim]
     if missing <= 0:
         return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    return torch.nn.functional.pad(t, [0, 0] * (t.dim() - 1 - dim) + [missing, 0])
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob]:
+    """Per prompt token, its log-prob given the tokens before it (None for the first) and the k best
+    alternatives. ``logits``: [width, vocab] of one left-padded row; the prompt fills its last len(prompt)."""
+    n = len(prompt)
+    lp = torch.log_softmax(logits[logits.shape[0] - n:-1].float(), dim=-1)  # [n-1, vocab]: position j predicts j+1
+    target = torch.tensor(prompt[1:], device=lp.device)
+    chosen = lp.gather(1, target[:, None])[:, 0].tolist()
+    top = torch.topk(lp, k) if k else None
+    out: list[TokenLogprob] = [(prompt[0], None, [])]
+    for j, tok in enumerate(prompt[1:]):
+        alts = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else []
+        out.append((tok, chosen[j], alts))
+    return out
 
 
 class RunningBatch:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.keys: list[Hashable] = []  # the caller's key of each row
-        self.rows: list[_Row] = []
+        self.rows: list = []  # serve.engine.Row, one per key
         self.cache = self.mask = self.last_pos = self.logits = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @torch.inference_mode()
-    def add(self, keys: list[Hashable], prompts: list[list[int]], params: list[SamplingParams]) -> None:
-        """Prefill new requests (together) and merge them into the batch."""
+    def add(self, keys: list[Hashable], prompts: list[list[int]],
+            params: list[SamplingParams]) -> list[tuple[Hashable, Delta]]:
+        """Prefill new requests (together) and merge them into the batch. All or nothing: if a request is bad
+        or the prefill fails, this raises and the batch is as it was. Returns the requests already finished
+        (max_tokens 0: prompt log-probs only), which never join the batch."""
         e = self.engine
-        for p in prompts:
-            e.check_prompt(p)
+        rows = [e.new_row(p, sp) for p, sp in zip(prompts, params, strict=True)]
         ids, mask = left_pad(prompts, e.pad_id)
         ids, mask = ids.to(e.device), mask.to(e.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = e.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        logits, last_pos = out.logits[:, -1, :], positions[:, -1]
+        full = any(sp.prompt_logprobs is not None for sp in params) or not e.keeps_logits
+        out = e.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **({} if full else {"logits_to_keep": 1}))
+        for i, (row, prompt, sp) in enumerate(zip(rows, prompts, params)):
+            if sp.prompt_logprobs is not None:
+                row.prompt_logprobs = prompt_logprobs(out.logits[i], prompt, sp.prompt_logprobs)
+        done = [(k, Delta("", 0, "length", [] if sp.logprobs is not None else None, row.prompt_logprobs))
+                for k, row, sp in zip(keys, rows, params) if sp.max_tokens == 0]
+        keep = [i for i, sp in enumerate(params) if sp.max_tokens > 0]
+        if not keep:
+            return done
+        cache, logits, last_pos = out.past_key_values, out.logits[:, -1, :], positions[:, -1]
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=e.device)
+            cache.batch_select_indices(index)
+            mask, logits, last_pos = mask[index], logits[index], last_pos[index]
         if not self.rows:
-            self.cache, self.mask, self.last_pos, self.logits = out.past_key_values, mask, last_pos, logits
+            self.cache, self.mask, self.last_pos, self.logits = cache, mask, last_pos, logits
         else:
             width = max(self.mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self.cache.layers, out.past_key_values.layers):
+            for mine, theirs in zip(self.cache.layers, cache.layers):
                 mine.keys = torch.cat([pad_left(mine.keys, width, 2), pad_left(theirs.keys, width, 2)])
                 mine.values = torch.cat([pad_left(mine.values, width, 2), pad_left(theirs.values, width, 2)])
             self.mask = torch.cat([pad_left(self.mask, width, 1), pad_left(mask, width, 1)])
             self.last_pos = torch.cat([self.last_pos, last_pos])
             self.logits = torch.cat([self.logits, logits])
-        self.keys += keys
-        self.rows += [_Row(p, max(1, min(p.max_tokens, e.max_context - len(ids_))))
-                      for ids_, p in zip(prompts, params)]
+        self.keys += [keys[i] for i in keep]
+        self.rows += [rows[i] for i in keep]
+        return done
 
     @torch.inference_mode()
-    def step(self, cancelled: set | frozenset = frozenset()) -> list[tuple[Hashable, Delta]]:
-        """Sample one token for every row, drop finished/cancelled rows, run the next decode forward."""
+    def step(self, cancelled: set | frozenset = frozenset()) -> list[tuple[Hashable, Delta | Exception]]:
+        """Sample one token for every row, drop finished/cancelled/failed rows, run the next decode forward.
+        A row whose sampling fails gets its exception in place of a delta; the others go on."""
         e = self.engine
-        tokens = sample_tokens(self.logits, [r.params for r in self.rows], [r.generator for r in self.rows])
-        out, keep = [], []
-        for i, (key, row, tok) in enumerate(zip(self.keys, self.rows, tokens)):
+        logits = self.logits.float().cpu()  # one copy per step; rows sample with their own CPU generators
+        out: list[tuple[Hashable, Delta | Exception]] = []
+        keep: list[int] = []
+        for i, (key, row) in enumerate(zip(self.keys, self.rows)):
             if key in cancelled:
                 continue
-            delta = row.advance(tok, e.eos_ids, e.decode)
+            try:
+                delta = row.next(logits[i], e.eos_ids, e.decode)
+            except Exception as exc:  # noqa: BLE001 - this row's failure is this row's alone
+                out.append((key, exc))
+                continue
             out.append((key, delta))
             if delta.finish_reason is None:
                 keep.append(i)
@@ -85,9 +125,9 @@ class RunningBatch:
             self._select(keep)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(keep), 1))], dim=1)
         self.last_pos = self.last_pos + 1
-        fwd = e.model(input_ids=torch.tensor([tokens[i] for i in keep], device=e.device)[:, None],
-                      attention_mask=self.mask, position_ids=self.last_pos[:, None], past_key_values=self.cache,
-                      use_cache=True)
+        tokens = torch.tensor([row.ids[-1] for row in self.rows], device=e.device)[:, None]
+        fwd = e.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.last_pos[:, None],
+                      past_key_values=self.cache, use_cache=True)
         self.cache, self.logits = fwd.past_key_values, fwd.logits[:, -1, :]
         self._trim()
         return out
@@ -109,7 +149,32 @@ class RunningBatch:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
 
+def generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list]:
+    """Offline: all prompts in one batch (no one joins later). Yields, per step, one entry per request: its Delta,
+    its exception, or None once it has finished."""
+    batch = RunningBatch(engine)
+    first: list = [None] * len(prompts)
+    for i, delta in batch.add(list(range(len(prompts))), prompts, params):
+        first[i] = delta
+    if any(d is not None for d in first):
+        yield first
+    while len(batch):
+        step: list = [None] * len(prompts)
+        for i, delta in batch.step():
+            step[i] = delta
+        yield step
+
+
 Emit = Callable[[Delta | BaseException], None]
+
+
+@dataclass
+class _Stream:
+    """A request's side of the scheduler: where its deltas go, and the delta being coalesced."""
+    emit: Emit
+    pending: Delta | None = None
+    steps: int = 0  # steps since the last emit
+    sent: bool = False  # anything emitted yet
 
 
 class Scheduler:
@@ -156,7 +221,7 @@ class Scheduler:
 
     def _run(self) -> None:
         batch = RunningBatch(self.engine)
-        streams: dict = {}  # key -> [emit, pending Delta, steps since last emit, sent anything]
+        streams: dict[Hashable, _Stream] = {}
         while True:
             self._admit(batch, streams)
             if not len(batch):
@@ -171,41 +236,45 @@ class Scheduler:
                 streams.pop(key, None)
             try:
                 deltas = batch.step(cancelled)
-            except Exception as exc:  # noqa: BLE001 - the batch is lost: fail its requests, start afresh
-                for emit, *_ in streams.values():
-                    emit(exc)
+            except Exception as exc:  # noqa: BLE001 - the forward pass itself failed: the batch is lost
+                for stream in streams.values():
+                    stream.emit(exc)
                 streams.clear()
                 batch = RunningBatch(self.engine)
                 continue
             for key, delta in deltas:
                 self._forward(streams, key, delta)
 
-    def _admit(self, batch: RunningBatch, streams: dict) -> None:
-        valid = []
-        for key, prompt, params, emit in self._take(batch):
-            try:
-                self.engine.check_prompt(prompt)
-                valid.append((key, prompt, params, emit))
-            except ValueError as exc:  # a bad request fails alone
-                emit(exc)
-        if not valid:
+    def _admit(self, batch: RunningBatch, streams: dict[Hashable, _Stream]) -> None:
+        items = self._take(batch)
+        if not items:
             return
         try:
-            batch.add([v[0] for v in valid], [v[1] for v in valid], [v[2] for v in valid])
-        except Exception as exc:  # noqa: BLE001 - whatever failed the prefill fails these requests only
-            for v in valid:
-                v[3](exc)
-            return
-        for key, _, _, emit in valid:
-            streams[key] = [emit, None, 0, False]
+            groups = [(items, batch.add([i[0] for i in items], [i[1] for i in items], [i[2] for i in items]))]
+        except Exception:  # noqa: BLE001 - add changed nothing: admit one by one, so only the culprit fails
+            groups = []
+            for item in items:
+                try:
+                    groups.append(([item], batch.add([item[0]], [item[1]], [item[2]])))
+                except Exception as exc:  # noqa: BLE001 - this request's own failure
+                    item[3](exc)
+        for admitted, done in groups:
+            for key, _, _, emit in admitted:
+                streams[key] = _Stream(emit)
+            for key, delta in done:
+                self._forward(streams, key, delta)
 
-    def _forward(self, streams: dict, key: Hashable, delta: Delta) -> None:
-        state = streams.get(key)
-        if state is None:
+    def _forward(self, streams: dict[Hashable, _Stream], key: Hashable, delta: Delta | Exception) -> None:
+        stream = streams.get(key)
+        if stream is None:
             return
-        state[1], state[2] = merge(state[1], delta), state[2] + 1
-        if delta.finish_reason or not state[3] or state[2] >= self.stream_interval:
-            state[0](state[1])
-            state[1], state[2], state[3] = None, 0, True
+        if isinstance(delta, Exception):
+            del streams[key]
+            stream.emit(delta)
+            return
+        stream.pending, stream.steps = merge(stream.pending, delta), stream.steps + 1
+        if delta.finish_reason or not stream.sent or stream.steps >= self.stream_interval:
+            stream.emit(stream.pending)
+            stream.pending, stream.steps, stream.sent = None, 0, True
         if delta.finish_reason:
             del streams[key]

@@ -1,30 +1,62 @@
-"""The inference engine: a Hugging Face causal LM generating for a batch of requests at once, with a KV cache,
-streaming each request's text as it grows.
+"""The inference engine: a Hugging Face causal LM, its tokenizer, and what one request needs to decode (its sampling
+parameters, its random stream, its stop strings, its log-probs).
 
-No Ray here (serve/batching.py runs it with continuous batching; serve/app.py wraps that in Serve). Per-request
-sampling (temperature, top_p, seed) and stop strings are why the loop is ours: ``model.generate`` applies one
-GenerationConfig to the whole batch and cannot stream several requests separately.
+No Ray and no batching here: serve/batching.py runs rows of many requests in one continuous batch; serve/app.py
+wraps that in Serve. Per-request sampling (temperature, top_p, seed), log-probs and stop strings are why the loop
+is ours: ``model.generate`` applies one GenerationConfig to the whole batch and cannot stream requests separately.
 """
 from __future__ import annotations
 
+import inspect
+import math
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 REQUIRED_FILES = ("config.json",)
+# Below this temperature a row decodes greedily (vLLM's rule too): dividing logits by a tiny positive number
+# overflows to inf and the softmax to NaN.
+GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs
+
+# One position's log-probs: (token id, its log-prob or None for a prompt's first token, [(alt id, log-prob)]).
+TokenLogprob = tuple[int, float | None, list[tuple[int, float]]]
+
+
+class RequestError(ValueError):
+    """A request this engine cannot serve (its fault, not the server's): a 400 at the HTTP layer."""
 
 
 @dataclass(kw_only=True)
 class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0: greedy
+    max_tokens: int  # 0: no generation (prompt log-probs only)
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW): greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = None  # any int: reduced modulo 2**64 for torch.Generator
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's extension of the same name
+    logprobs: int | None = None  # None: none; k: each generated token's log-prob and its k best alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
+
+    def __post_init__(self) -> None:
+        """The engine checks what the HTTP layer already checked: it may be called through other handles."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise RequestError(f"max_tokens: must be an int >= 0, got {self.max_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise RequestError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise RequestError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise RequestError(f"seed: must be an int, got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_LOGPROBS):
+                raise RequestError(f"{name}: must be an int in 0..{MAX_LOGPROBS}, got {k!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise RequestError("stop: must be a list of strings")
 
 
 @dataclass
@@ -33,6 +65,8 @@ class Delta:
     text: str
     completion_tokens: int
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one entry per generated token in this delta
+    prompt_logprobs: list[TokenLogprob] | None = None  # on a request's first delta, when asked for
 
 
 # ---- pure helpers (unit-tested) -------------------------------------------------------------------------------
@@ -63,31 +97,35 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True)
     cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already >= p
+    drop_sorted[0] = False  # the best token always stays (rounding can leave a tiny mass "before" it)
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One next token per row, each row with its own temperature, top_p and random stream."""
-    out = []
-    # On the CPU: each row samples with its own CPU torch.Generator (a GPU batch is a small copy per step).
-    for row, p, gen in zip(logits.float().cpu(), params, generators):
-        if p.temperature <= 0:
-            out.append(int(row.argmax()))
-            continue
-        probs = torch.softmax(top_p_filter(row / p.temperature, p.top_p), dim=-1)
-        out.append(int(torch.multinomial(probs, 1, generator=gen)))
-    return out
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One next token from one row of logits, with the row's own temperature, top_p and random stream."""
+    if params.temperature < GREEDY_BELOW:
+        return int(logits.argmax())
+    probs = torch.softmax(top_p_filter(logits.float() / params.temperature, params.top_p), dim=-1)
+    if not torch.isfinite(probs).all():
+        raise RequestError("sampling failed: the model produced non-finite probabilities for this request")
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """The model's own (pre-temperature) log-prob of ``token`` under one row of logits, and the k best."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, k) if k else None
+    alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return token, float(lp[token]), alts
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts to one length (so every row's next token sits in the last column)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+    rows = [torch.tensor(p, dtype=torch.long) for p in prompts]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True,
+                                           padding_value=0, padding_side="left")
     return ids, mask
 
 
@@ -95,19 +133,37 @@ def merge(a: Delta | None, b: Delta | None) -> Delta | None:
     """Two consecutive deltas of one request as one (None: nothing new / already finished)."""
     if a is None or b is None:
         return a if b is None else b
-    return Delta(a.text + b.text, b.completion_tokens, b.finish_reason)
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return Delta(a.text + b.text, b.completion_tokens, b.finish_reason, logprobs,
+                 a.prompt_logprobs or b.prompt_logprobs)
 
 
 # ---- per-request decoding state -------------------------------------------------------------------------------
 
-class _Row:
-    def __init__(self, params: SamplingParams, budget: int):
+class Row:
+    """One request's decoding state. Building it cannot touch a batch, so a bad request fails alone."""
+
+    def __init__(self, params: SamplingParams, budget: int, prompt_logprobs: list[TokenLogprob] | None = None):
         self.params = params
         self.budget = budget  # max new tokens for this row (its max_tokens, capped by the model's context)
         self.ids: list[int] = []
         self.emitted = 0  # chars of decoded text already sent
-        self.generator = torch.Generator().manual_seed(
-            params.seed if params.seed is not None else random.getrandbits(63))
+        self.prompt_logprobs = prompt_logprobs  # sent with the first delta
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed % 2**64)  # any int maps into what torch accepts
+
+    def next(self, logits: torch.Tensor, eos_ids: set[int], decode) -> Delta:
+        """Sample this row's next token from its logits (on the CPU: each row has its own CPU generator)."""
+        token = sample_token(logits, self.params, self.generator)
+        logprobs = None
+        if self.params.logprobs is not None:  # EOS ends the text and is not part of it: no entry
+            ends = token in eos_ids and not self.params.ignore_eos
+            logprobs = [] if ends else [token_logprob(logits, token, self.params.logprobs)]
+        delta = self.advance(token, eos_ids, decode)
+        delta.logprobs = logprobs
+        if self.prompt_logprobs is not None:
+            delta.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        return delta
 
     def advance(self, token: int, eos_ids: set[int], decode) -> Delta:
         """Take one sampled token; return the text it made safe to send and whether the row is done."""
@@ -149,6 +205,9 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+        # Prefill computes logits for the last position only, unless a row asks for its prompt's log-probs.
+        self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
@@ -157,7 +216,7 @@ class Engine:
     # -- prompts --
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:
-            raise ValueError("the model's tokenizer has no chat template: use /v1/completions")
+            raise RequestError("the model's tokenizer has no chat template: use /v1/completions")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=False)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
@@ -170,22 +229,13 @@ class Engine:
 
     def check_prompt(self, ids: list[int]) -> None:
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise RequestError("the prompt is empty")
         if len(ids) >= self.max_context:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_context}")
+            raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_context}")
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+            raise RequestError(f"the prompt holds token ids outside the vocabulary (0..{self.vocab_size - 1})")
 
-    # -- generation --
-    def generate_stream(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[Delta | None]]:
-        """Generate for all prompts together (no one joins later). Yields, per step, one entry per request: its
-        Delta, or None once it has finished (its last Delta carried a finish_reason)."""
-        from serve.batching import RunningBatch
-
-        if not prompts or len(prompts) != len(params):
-            raise ValueError("generate_stream: need one SamplingParams per prompt")
-        batch = RunningBatch(self)
-        batch.add(list(range(len(prompts))), prompts, params)
-        while len(batch):
-            step: list[Delta | None] = [None] * len(prompts)
-            for i, delta in batch.step():
-                step[i] = delta
-            yield step
+    def new_row(self, prompt: list[int], params: SamplingParams) -> Row:
+        """Check one request and build its decoding state (raises RequestError for this request only)."""
+        self.check_prompt(prompt)
+        return Row(params, max(1, min(params.max_tokens, self.max_context - len(prompt))))

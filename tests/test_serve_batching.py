@@ -9,7 +9,7 @@ import pytest
 import torch
 from serve_fixtures import tiny_chat_model  # noqa: F401 - fixture
 
-from serve.batching import RunningBatch, Scheduler, pad_left
+from serve.batching import RunningBatch, Scheduler, generate, pad_left
 from serve.engine import Delta, Engine, SamplingParams
 
 
@@ -23,7 +23,7 @@ def greedy(n: int) -> SamplingParams:
 
 
 def solo(engine: Engine, prompt: list[int], n: int) -> str:
-    return "".join(d[0].text for d in engine.generate_stream([prompt], [greedy(n)]) if d[0])
+    return "".join(d[0].text for d in generate(engine, [prompt], [greedy(n)]) if d[0])
 
 
 def test_pad_left():
@@ -119,3 +119,86 @@ def test_scheduler_never_starts_a_request_cancelled_while_queued(engine):
     collect(sched, "after", engine.text_prompt_ids("Return"), greedy(2), sink, after)
     wait(after, "a request behind the cancelled ones")
     assert "queued" not in sink
+
+
+# ---- isolation: what one request brings fails that request alone ----
+
+def test_failed_add_leaves_the_batch_as_it_was(engine):
+    a = engine.text_prompt_ids("The os module provides a portable way")
+    batch = RunningBatch(engine)
+    batch.add(["a"], [a], [greedy(12)])
+    text = "".join(d.text for _, d in batch.step())
+    with pytest.raises(ValueError, match="vocabulary"):
+        batch.add(["ok", "bad"], [engine.text_prompt_ids("Return"), [engine.vocab_size + 5]], [greedy(4)] * 2)
+    assert batch.keys == ["a"] and len(batch.rows) == 1 and batch.mask.shape[0] == 1
+    while len(batch):
+        text += "".join(d.text for _, d in batch.step())
+    assert text == solo(engine, a, 12)
+
+
+def test_bad_requests_arriving_mid_batch_leave_other_rows_identical(engine):
+    """Requests a client can send (or that reach the engine by another handle) arrive while two greedy rows and
+    one seeded sampled row run: the running rows' outputs equal their solo runs, each bad one fails alone."""
+    sched = Scheduler(engine, max_batch_size=16, stream_interval=1)
+    a, b = engine.text_prompt_ids("The os module provides"), engine.text_prompt_ids("Return the")
+    sampled = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    sink: dict = {}
+    done = {k: threading.Event() for k in ("a", "b", "s")}
+    collect(sched, "a", a, greedy(24), sink, done["a"])
+    collect(sched, "b", b, greedy(20), sink, done["b"])
+    collect(sched, "s", a, sampled, sink, done["s"])
+    deadline = time.monotonic() + 60
+    while not all(sink.get(k) for k in ("a", "b", "s")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # poll: all three rows are in the running batch
+    poisoned = SamplingParams(max_tokens=8, temperature=1.0)
+    poisoned.temperature = float("nan")  # past validation: its sampling fails inside the batch step
+    bad = {
+        "out_of_vocab": ([engine.vocab_size + 5, 1], greedy(4)),
+        "negative_id": ([-1], greedy(4)),
+        "empty": ([], greedy(4)),
+        "too_long": ([1] * engine.max_context, greedy(4)),
+        "poisoned": (b, poisoned),
+    }
+    odd_but_valid = {  # edge values the engine must serve, not fail on
+        "huge_seed": (b, SamplingParams(max_tokens=6, temperature=1.0, seed=2**64 + 3)),
+        "negative_seed": (b, SamplingParams(max_tokens=6, temperature=1.0, seed=-1)),
+        "tiny_temperature": (b, SamplingParams(max_tokens=6, temperature=1e-300, ignore_eos=True)),
+        "tiny_top_p": (b, SamplingParams(max_tokens=6, top_p=1e-300, ignore_eos=True)),
+    }
+    events = {k: threading.Event() for k in [*bad, *odd_but_valid]}
+    for k, (prompt, params) in {**bad, **odd_but_valid}.items():
+        collect(sched, k, prompt, params, sink, events[k])
+    for k, e in {**done, **events}.items():
+        wait(e, k)
+    for k in bad:
+        assert len(sink[k]) == 1 and isinstance(sink[k][0], ValueError), (k, sink[k])
+    for k in odd_but_valid:
+        assert isinstance(sink[k][-1], Delta) and sink[k][-1].finish_reason, (k, sink[k])
+    assert "".join(d.text for d in sink["tiny_temperature"]) == solo(engine, b, 6)
+    assert "".join(d.text for d in sink["a"]) == solo(engine, a, 24)
+    assert "".join(d.text for d in sink["b"]) == solo(engine, b, 20)
+    alone = "".join(d.text for step in generate(engine, [a], [sampled]) for d in step if d)
+    assert "".join(d.text for d in sink["s"]) == alone
+
+
+# ---- log-probs ----
+
+def test_logprobs_match_the_model(engine):
+    prompt = engine.text_prompt_ids("The os module provides")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    deltas = [step[0] for step in generate(engine, [prompt], [params]) if step[0]]
+    generated = [e for d in deltas for e in d.logprobs]
+    prompt_lp = deltas[0].prompt_logprobs
+    assert len(generated) == 5 and len(prompt_lp) == len(prompt)
+    ids = prompt + [tok for tok, _, _ in generated]
+    with torch.inference_mode():
+        ref = torch.log_softmax(engine.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert prompt_lp[0] == (prompt[0], None, [])
+    for pos, (tok, lp, alts) in enumerate(prompt_lp[1:] + generated, start=1):
+        assert tok == ids[pos] and lp == pytest.approx(float(ref[pos - 1, tok]), abs=1e-4)
+    for tok, lp, alts in generated:  # greedy: the chosen token is the best alternative
+        assert len(alts) == 3 and alts[0][0] == tok and alts[0][1] == pytest.approx(lp)
+    echo_only = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    (only,) = [step[0] for step in generate(engine, [prompt], [echo_only])]
+    assert (only.text, only.completion_tokens, only.finish_reason) == ("", 0, "length")
+    assert [lp for _, lp, _ in only.prompt_logprobs] == pytest.approx([lp for _, lp, _ in prompt_lp])

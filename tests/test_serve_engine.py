@@ -10,6 +10,7 @@ from serve_fixtures import tiny_chat_model  # noqa: F401 - fixture
 from cluster.config import ConfigError
 from cluster.recipe import load_recipe
 from serve import openai_api as oa
+from serve.batching import generate
 from serve.engine import Engine, SamplingParams, find_stop, held_back, left_pad, top_p_filter
 from serve.ui import to_openai_messages
 
@@ -20,9 +21,9 @@ def engine(tiny_chat_model) -> Engine:  # noqa: F811
 
 
 def run_all(engine: Engine, prompts, params) -> list[tuple[str, str, int]]:
-    """Drive generate_stream to the end: (text, finish_reason, completion_tokens) per request."""
+    """Drive generate to the end: (text, finish_reason, completion_tokens) per request."""
     texts, finishes, counts = [""] * len(prompts), [None] * len(prompts), [0] * len(prompts)
-    for step in engine.generate_stream(prompts, params):
+    for step in generate(engine, prompts, params):
         for i, d in enumerate(step):
             if d is None:
                 continue
