@@ -13,6 +13,7 @@ One application, APP_NAME, of two deployments whose names are stable (serveConfi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shlex
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,8 +41,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.engine, max_batch_size, stream_interval, gather_s=batch_wait_timeout_s)
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """request: {"prompt_ids": [...], "params": SamplingParams fields}. Yields
-        {"text", "completion_tokens", "finish_reason"} as the request's tokens are generated."""
+        """request: {"prompt_ids": [...], "params": SamplingParams fields}. Yields serve.engine.Delta's fields
+        (text, completion_tokens, finish_reason, logprobs, prompt_logprobs) as the request's tokens come."""
         from serve.engine import SamplingParams
 
         loop = asyncio.get_running_loop()
@@ -56,8 +57,7 @@ class LLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish_reason is not None
-                yield {"text": item.text, "completion_tokens": item.completion_tokens,
-                       "finish_reason": item.finish_reason}
+                yield dataclasses.asdict(item)
         finally:
             if not finished:  # the client went away (or an error): free the request's batch slot
                 self.scheduler.cancel(key)

@@ -3,19 +3,27 @@
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health, and the Gradio
 demo at /demo. Statuses: 400 bad request, 401 missing/wrong API key, 404 unknown model or route, 413 body too
 large, 429 engine queue full (Serve back-pressure), 503 engine unavailable or request timeout, all with
-OpenAI-style error bodies.
+OpenAI-style error bodies. A 500 carries only a request id (``x-request-id`` on every response); the details go
+to the replica's log under that id.
+
+With an API key set, the key guards everything but /health: the API, FastAPI's /docs and /openapi.json, and the
+demo (a login form whose password is the key; the demo then calls the API with the server's key).
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
+import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
+from functools import lru_cache, partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,11 +31,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.config import from_dict
 from cluster.schemas.serve import ServeConfig
 from serve import openai_api as oa
+from serve.relay import Choice, Relay, SlotResponse
+
+log = logging.getLogger("ray.serve")
 
 REPLICA_FAILED = "replica_failed"
 # A request whose engine replica died before its first token is sent again (nothing reached the client yet);
 # the router learns of a dead replica only when a call to it fails, so a few may land there after a crash.
 ENGINE_ATTEMPTS = 3
+DEMO_MAX_UPLOAD = "64kb"  # the chat demo takes no files; Gradio's upload route stays, bounded (and keyed)
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
@@ -47,8 +59,8 @@ def read_api_key(cfg: ServeConfig) -> str | None:
     return None
 
 
-def engine_error(exc: BaseException, timeout_s: float) -> oa.APIError:
-    """Map what a handle call can raise to the status a client should see."""
+def engine_error(exc: BaseException, timeout_s: float, request_id: str = "-") -> oa.APIError:
+    """Map what a handle call can raise to the status a client should see; never a traceback or an address."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -62,7 +74,44 @@ def engine_error(exc: BaseException, timeout_s: float) -> oa.APIError:
         return oa.unavailable("the engine replica serving this request failed; retry", REPLICA_FAILED)
     if isinstance(exc, DeploymentUnavailableError):
         return oa.unavailable("no engine replica is available; retry later")
-    return oa.APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, None)
+    cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps what the replica raised
+    if isinstance(cause, ValueError):  # the engine's RequestError: this request's fault, said plainly
+        return oa.bad_request(str(cause).splitlines()[0][:500])
+    return internal_error(exc, request_id)
+
+
+def internal_error(exc: BaseException, request_id: str) -> oa.APIError:
+    log.error("request %s failed", request_id, exc_info=exc)
+    return oa.APIError(500, f"internal server error (request id {request_id})", "server_error", None, None)
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, char -> byte (printable bytes stand for themselves, the rest are shifted
+    past 255). Written here: transformers 5 no longer exports ``bytes_to_unicode``, and ``tokenizers`` exposes
+    the alphabet but not the mapping."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+def token_info(tokenizer, alphabet: dict[str, int], tok: int) -> tuple[str, list[int]]:
+    """(text, UTF-8 bytes) of one token for log-prob entries. The bytes are the token's own, also when it holds
+    part of a character (its text then shows U+FFFD), so clients can join them, as OpenAI's ``bytes`` intends."""
+    if tok in tokenizer.all_special_ids:
+        return "", []
+    piece = tokenizer.convert_ids_to_tokens(tok)
+    text = tokenizer.decode([tok])
+    if piece and all(c in alphabet for c in piece):
+        return text, [alphabet[c] for c in piece]
+    return text, list(text.encode("utf-8"))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Metrics:
@@ -88,10 +137,15 @@ class OpenAIIngress:
         self.engine = engine
         self.cfg = from_dict(ServeConfig, cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.vocab_size = len(self.tokenizer)
+        self.token_info = lru_cache(maxsize=65536)(partial(token_info, self.tokenizer, byte_level_alphabet()))
         self.api_key = read_api_key(self.cfg)
         self.created = int(time.time())
         self.metrics = _Metrics()
         self.pending = 0  # completions in progress in this replica (one event loop: no lock needed)
+        if self.api_key is None and not is_loopback(self.cfg.host):
+            log.warning("serve: the API listens on %s with no API key: anyone who reaches it can generate (set %s "
+                        "or serve.api_key_file)", self.cfg.host, self.cfg.api_key_env)
 
     def __serve_build_asgi_app__(self):
         app = build_api(self)
@@ -100,31 +154,49 @@ class OpenAIIngress:
 
             from serve.ui import build_demo
             api_url = self.cfg.demo_api_url or f"http://127.0.0.1:{self.cfg.port}/v1"
-            app = gr.mount_gradio_app(app, build_demo(api_url, self.api_key, self.cfg), path="/demo")
+            guard = {}
+            if self.api_key is not None:  # the demo generates with the server's key: only key holders may use it
+                guard = {"auth": lambda _user, password: self.key_matches(password),
+                         "auth_message": "This server requires its API key: any user name, the key as password."}
+            app = gr.mount_gradio_app(app, build_demo(api_url, self.api_key, self.cfg), path="/demo",
+                                      max_file_size=DEMO_MAX_UPLOAD, **guard)
         return app
 
     # -- request handling --
+    def key_matches(self, token: str) -> bool:
+        return self.api_key is None or hmac.compare_digest(token.encode(), self.api_key.encode())
+
     def check_auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+        if not self.key_matches(token):
             raise oa.APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
                               "invalid_request_error", None, "invalid_api_key")
 
-    def prompt_ids(self, req) -> list[int]:
+    def prompt_ids(self, req) -> list[tuple[str, list[int]]]:
+        """(text, token ids) per prompt of the request; 400 for what the tokenizer or model cannot take."""
         if isinstance(req, oa.ChatRequest):
             if not self.tokenizer.chat_template:
                 raise oa.bad_request("this model has no chat template: use /v1/completions", "messages")
-            ids = self.tokenizer.apply_chat_template(req.messages_for_template(), add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        return self.tokenizer.encode(req.prompt_text(), add_special_tokens=True)
+            try:
+                ids = self.tokenizer.apply_chat_template(req.messages_for_template(), add_generation_prompt=True,
+                                                         tokenize=True, return_dict=False)
+            except Exception as exc:  # noqa: BLE001 - a template that rejects these messages (jinja raise)
+                raise oa.bad_request(f"messages: the chat template rejected them: {exc}", "messages") from None
+            return [("", list(ids["input_ids"] if isinstance(ids, dict) else ids))]
+        out = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                out.append((p, self.tokenizer.encode(p, add_special_tokens=True)))
+            elif all(0 <= t < self.vocab_size for t in p):
+                out.append((self.tokenizer.decode(p), list(p)))
+            else:
+                raise oa.bad_request(f"prompt: token ids must be in 0..{self.vocab_size - 1}", "prompt")
+        return out
 
-    async def engine_stream(self, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
+    async def engine_stream(self, prompt_ids: list[int], params: dict, deadline: float,
+                            request_id: str) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.request_timeout_s
         gen = None
         try:
             gen = self.engine.options(stream=True).generate.remote({"prompt_ids": prompt_ids, "params": params})
@@ -135,10 +207,23 @@ class OpenAIIngress:
                     return
                 yield delta
         except Exception as exc:
-            raise engine_error(exc, self.cfg.request_timeout_s) from exc
+            raise engine_error(exc, self.cfg.request_timeout_s, request_id) from exc
         finally:
             if gen is not None:
                 gen.cancel()
+
+    async def open_choice(self, index: int, ids: list[int], params: dict, deadline: float,
+                          request_id: str) -> Choice:
+        """Start one choice's engine stream and wait for its first delta, so engine errors before the first token
+        get a real status; a replica that died before starting it gets the request again."""
+        for attempt in range(1, ENGINE_ATTEMPTS + 1):
+            deltas = self.engine_stream(ids, params, deadline, request_id)
+            try:
+                return Choice(index, await deltas.__anext__(), deltas)
+            except oa.APIError as exc:
+                if exc.code != REPLICA_FAILED or attempt == ENGINE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     async def complete(self, request: Request, kind: str):
         """Admission control first: past ``max_pending_requests`` in this replica, answer 429 at once. (Serve's
@@ -147,112 +232,82 @@ class OpenAIIngress:
         if self.pending >= self.cfg.max_pending_requests:
             raise oa.overloaded(f"the server is overloaded ({self.pending} requests in progress); retry later")
         self.pending += 1
-        streaming = False
-        try:
-            response = await self._complete(request, kind)
-            streaming = isinstance(response, StreamingResponse)
-            return response
-        finally:
-            if not streaming:  # a stream releases its slot when it ends (_Stream.sse)
-                self.pending -= 1
+        relay = None
 
-    async def _complete(self, request: Request, kind: str):
-        start = time.perf_counter()
+        async def release() -> None:  # once, however the request ends
+            self.pending -= 1
+            if relay is not None:
+                await relay.close()
+                self._done(kind, relay, request)
+        try:
+            relay, stream = await self._start(request, kind)
+        except BaseException:
+            await release()
+            raise
+        if stream:
+            return SlotResponse(relay.sse(), release)
+        try:
+            return JSONResponse(await relay.whole())
+        finally:
+            await release()
+
+    async def _start(self, request: Request, kind: str) -> tuple[Relay, bool]:
+        request.state.start = time.perf_counter()
         self.check_auth(request)
         cls = oa.ChatRequest if kind == "chat" else oa.CompletionRequest
         req = oa.parse_request(await request.body(), cls, self.cfg.max_body_bytes)
         if req.model != self.cfg.model_name:
             raise oa.APIError(404, f"the model {req.model!r} does not exist; this server serves "
                               f"{self.cfg.model_name!r}", "invalid_request_error", "model", "model_not_found")
-        ids = self.prompt_ids(req)
-        max_tokens = oa.check_token_limits(len(ids), req.max_completion_tokens or req.max_tokens,
-                                           self.cfg.max_prompt_tokens, self.cfg.max_new_tokens)
+        prompts = self.prompt_ids(req)
+        if len(prompts) * req.n > self.cfg.max_choices:
+            param = "n" if req.n > 1 else "prompt"
+            raise oa.bad_request(f"{param}: {len(prompts)} prompt(s) x n={req.n} choices exceed this server's limit "
+                                 f"of {self.cfg.max_choices} per request", param)
+        budget = req.token_budget()
+        for _, ids in prompts:
+            max_tokens = oa.check_token_limits(len(ids), budget, self.cfg.max_prompt_tokens, self.cfg.max_new_tokens)
+        logprobs, prompt_logprobs = req.logprob_counts()
         params = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                  "stop": req.stop_list(), "seed": req.seed, "ignore_eos": req.ignore_eos}
-        for attempt in range(1, ENGINE_ATTEMPTS + 1):
-            deltas = self.engine_stream(ids, params)
-            try:
-                first = await deltas.__anext__()  # engine errors before the first token get a real status
-                break
-            except oa.APIError as exc:
-                if exc.code != REPLICA_FAILED or attempt == ENGINE_ATTEMPTS:
-                    raise
-        self.metrics.ttft.observe(time.perf_counter() - start, tags={"route": kind})
-        stream = _Stream(self, kind, req, len(ids), first, deltas, start)
-        if req.stream:
-            return StreamingResponse(stream.sse(), media_type="text/event-stream")
-        return JSONResponse(await stream.whole())
+                  "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "logprobs": logprobs,
+                  "prompt_logprobs": prompt_logprobs}
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
+        rid = request.state.request_id
+        # choice i answers prompt i // n; with a seed, choice j of a prompt samples with seed + j (reproducible,
+        # and the n samples differ)
+        opening = [self.open_choice(i, prompts[i // req.n][1],
+                                    {**params, "seed": None if req.seed is None else req.seed + i % req.n},
+                                    deadline, rid)
+                   for i in range(len(prompts) * req.n)]
+        results = await asyncio.gather(*opening, return_exceptions=True)
+        choices = [r for r in results if isinstance(r, Choice)]
+        errors = [r for r in results if not isinstance(r, Choice)]
+        if errors:
+            for c in choices:
+                await c.rest.aclose()
+            raise errors[0]
+        echo = getattr(req, "echo", False)
+        for c in choices:
+            c.echo = prompts[c.index // req.n][0] if echo else ""
+        self.metrics.ttft.observe(time.perf_counter() - request.state.start, tags={"route": kind})
+        relay = Relay(kind, self.cfg.model_name, choices, sum(len(ids) for _, ids in prompts),
+                      logprobs is not None, self.token_info, req.include_usage())
+        return relay, req.stream
+
+    def _done(self, kind: str, relay: Relay, request: Request) -> None:
+        m = self.metrics
+        m.latency.observe(time.perf_counter() - request.state.start, tags={"route": kind})
+        usage = relay.usage()
+        for name in ("prompt", "completion"):
+            if usage[f"{name}_tokens"] > 0:  # Ray's Counter refuses 0 (a reply may end at once with EOS)
+                m.tokens.inc(usage[f"{name}_tokens"], tags={"kind": name})
 
 
-class _Stream:
-    """One completion being relayed from the engine: as SSE chunks or as one JSON body."""
-
-    def __init__(self, ingress: OpenAIIngress, kind: str, req, prompt_tokens: int, first: dict, rest, start: float):
-        self.ing, self.kind, self.req, self.prompt_tokens = ingress, kind, req, prompt_tokens
-        self.first, self.rest, self.start = first, rest, start
-        self.rid = oa.new_id("chatcmpl" if kind == "chat" else "cmpl")
-        self.model = ingress.cfg.model_name
-        self.completion_tokens, self.finish = 0, None
-        self.released = False
-
-    def release(self) -> None:
-        """Give back the ingress's pending slot (once), when a stream ends or is dropped unread."""
-        if not self.released:
-            self.released = True
-            self.ing.pending -= 1
-
-    def __del__(self):  # a client that leaves before the first byte never starts sse(): free the slot anyway
-        if self.req.stream:
-            self.release()
-
-    async def deltas(self) -> AsyncIterator[dict]:
-        yield self.first
-        async for d in self.rest:
-            yield d
-
-    def _record(self, d: dict) -> None:
-        self.completion_tokens = d["completion_tokens"]
-        self.finish = d["finish_reason"] or self.finish
-
-    def _done(self) -> dict:
-        m = self.ing.metrics
-        m.latency.observe(time.perf_counter() - self.start, tags={"route": self.kind})
-        for kind, count in (("prompt", self.prompt_tokens), ("completion", self.completion_tokens)):
-            if count > 0:  # Ray's Counter refuses 0 (a reply may end at once with EOS)
-                m.tokens.inc(count, tags={"kind": kind})
-        return oa.usage(self.prompt_tokens, self.completion_tokens)
-
-    async def whole(self) -> dict:
-        parts = []
-        async for d in self.deltas():
-            parts.append(d["text"])
-            self._record(d)
-        build = oa.chat_response if self.kind == "chat" else oa.completion_response
-        return build(self.rid, self.model, "".join(parts), self.finish or "length", self._done())
-
-    def _chunk(self, text: str | None, finish: str | None, usage: dict | None = None) -> str:
-        if self.kind == "chat":
-            delta = {} if text is None else {"content": text}
-            return oa.sse(oa.chat_chunk(self.rid, self.model, delta, finish, usage))
-        return oa.sse(oa.completion_chunk(self.rid, self.model, text or "", finish, usage))
-
-    async def sse(self) -> AsyncIterator[str]:
-        try:
-            if self.kind == "chat":
-                yield oa.sse(oa.chat_chunk(self.rid, self.model, {"role": "assistant", "content": ""}, None))
-            async for d in self.deltas():
-                self._record(d)
-                if d["text"]:
-                    yield self._chunk(d["text"], None)
-            yield self._chunk(None, self.finish or "length")
-            usage = self._done()
-            if self.req.include_usage():
-                yield self._chunk(None, None, usage)
-        except oa.APIError as exc:  # headers are gone: the error travels as an event, as OpenAI's does
-            yield oa.sse(exc.body())
-        finally:
-            self.release()
-        yield oa.sse("[DONE]")
+def route_template(request: Request) -> str:
+    """The matched route's template (/v1/models/{model_id}), never the raw path: random paths must not make
+    new metric series."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
 
 
 def build_api(ing: OpenAIIngress) -> FastAPI:
@@ -270,11 +325,23 @@ def build_api(ing: OpenAIIngress) -> FastAPI:
                           "invalid_request_error", None, code)
         return JSONResponse(err.body(), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        rid = getattr(request.state, "request_id", "-")
+        return JSONResponse(internal_error(exc, rid).body(), status_code=500, headers={"x-request-id": rid})
+
     @app.middleware("http")
-    async def _count(request: Request, call_next):
+    async def _around(request: Request, call_next):
+        request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
+        if ing.api_key is not None and request.url.path in ("/docs", "/openapi.json", "/docs/oauth2-redirect"):
+            try:
+                ing.check_auth(request)
+            except oa.APIError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
         response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
         if request.url.path.startswith("/v1/"):
-            ing.metrics.requests.inc(tags={"route": request.url.path, "status": str(response.status_code)})
+            ing.metrics.requests.inc(tags={"route": route_template(request), "status": str(response.status_code)})
         return response
 
     @app.get("/health")
@@ -292,7 +359,7 @@ def build_api(ing: OpenAIIngress) -> FastAPI:
         if model_id != ing.cfg.model_name:
             raise oa.APIError(404, f"the model {model_id!r} does not exist", "invalid_request_error", "model",
                               "model_not_found")
-        return oa.models_list(ing.cfg.model_name, ing.created)["data"][0]
+        return oa.model_card(ing.cfg.model_name, ing.created)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -11,6 +11,7 @@ import threading
 import httpx
 import openai
 import pytest
+from openai_schema import validate
 from polling import wait_for
 from serve_fixtures import deployed, tiny_chat_model  # noqa: F401 - fixture
 
@@ -18,6 +19,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.serve,
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # pydantic v1-style fields in Ray Serve
 
 API_KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "raylm"
 CHAT = [{"role": "user", "content": "Say something."}]
 
@@ -155,13 +157,16 @@ def test_unknown_model_is_404(client):
     ({"max_tokens": 33}, "max_tokens"),  # over serve.max_new_tokens
     ({"messages": [{"role": "user", "content": "word " * 200}]}, "messages"),  # over serve.max_prompt_tokens
     ({"messages": []}, "messages"),
-    ({"n": 2}, "n"),
+    ({"n": 9}, "n"),  # over serve.max_choices
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"seed": 2**64}, "seed"),
 ])
 def test_bad_requests_are_400_naming_the_param(client, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(**{"model": MODEL, "messages": CHAT, **extra})
     assert err.value.status_code == 400 and err.value.param == param
     assert err.value.body["type"] == "invalid_request_error"
+    validate({"error": err.value.body}, "ErrorResponse")
 
 
 def test_raw_http_errors_are_openai_shaped(app):
@@ -249,12 +254,147 @@ def test_prometheus_metrics_are_exported(app, client):
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=4)
     port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = ("raylm_requests", "raylm_request_latency_s", "raylm_time_to_first_token_s", "raylm_tokens")
+    scans = [f"/v1/scan-{i}-probe" for i in range(3)]  # random paths must not make metric series of their own
+    for path in [*scans, "/v1/models/not-a-model"]:
+        assert httpx.get(app["api"][:-3] + path, headers=AUTH).status_code == 404
 
-    def exported() -> bool:
+    def exported() -> str | None:
         try:
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         except httpx.HTTPError:
-            return False
-        return all(name in text for name in wanted) and 'route="/v1/completions"' in text
+            return None
+        ok = all(name in text for name in wanted) and 'route="/v1/completions"' in text \
+            and 'route="/v1/models/{model_id}"' in text and 'route="unmatched"' in text
+        return text if ok else None
 
-    wait_for(exported, 90, f"{wanted} on the metrics endpoint (port {port})")
+    text = wait_for(exported, 90, f"{wanted} on the metrics endpoint (port {port})")
+    assert not any(path in text for path in scans) and "not-a-model" not in text
+
+
+# ---- hostile input: a 4xx naming the field, nothing internal, nobody else's request touched ----
+
+LEAKS = ("Traceback", "pid=", "ip=", "actor_id", "ActorID", "RayTaskError", "File \"")
+CHAT_JSON = '"model": "raylm", "messages": [{"role": "user", "content": "hi"}]'
+HOSTILE = [
+    ("/completions", b'{"model": "raylm", "prompt": ""}', "prompt"),
+    ("/completions", b'{"model": "raylm", "prompt": [[]]}', "prompt"),
+    ("/completions", b'{"model": "raylm", "prompt": [99999999, 5]}', "prompt"),
+    ("/completions", b'{"model": "raylm", "prompt": [-3]}', "prompt"),
+    ("/completions", b'{"model": "raylm", "prompt": "x", "max_tokens": 0}', "max_tokens"),
+    ("/completions", b'{"model": "raylm", "prompt": "x", "best_of": 3}', "best_of"),
+    ("/completions", b'{"model": "raylm", "prompt": ["a", "b", "c"], "n": 3}', "n"),
+    ("/chat/completions", ("{" + CHAT_JSON + f', "seed": {2**64}}}').encode(), "seed"),
+    ("/chat/completions", ("{" + CHAT_JSON + ', "seed": ' + "9" * 5000 + "}").encode(), None),
+    ("/chat/completions", b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}", None),  # under the body limit
+    ("/chat/completions", b'{"model": "raylm", "messages": [{"role": "user", "content": "\\ud800"}]}', None),
+    ("/chat/completions", ("{" + CHAT_JSON + ', "temperature": NaN}').encode(), "temperature"),
+    ("/chat/completions", ("{" + CHAT_JSON + ', "max_tokens": 0}').encode(), "max_tokens"),
+    ("/chat/completions", ("{" + CHAT_JSON + ', "top_logprobs": 2}').encode(), "top_logprobs"),
+    ("/chat/completions", ("{" + CHAT_JSON + ', "response_format": {"type": "json_schema"}}').encode(),
+     "response_format"),
+    ("/chat/completions", b'{"model": "raylm", "messages": [{"role": "user", "content": [{"type": "file"}]}]}',
+     "messages"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", HOSTILE, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(HOSTILE)])
+def test_hostile_requests_get_an_openai_shaped_400(app, path, body, param):
+    r = httpx.post(app["api"] + path, content=body, headers={**AUTH, "Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400, r.text[:500]
+    validate(r.json(), "ErrorResponse")
+    assert r.json()["error"]["param"] == param, r.text[:500]
+    assert not any(leak in r.text for leak in LEAKS), r.text[:500]
+    assert r.headers["x-request-id"].startswith("req_")
+
+
+def test_odd_but_valid_values_are_served_and_leave_other_requests_identical(app):
+    """Values at the edges of what the API accepts (seeds at the int64 ends, temperature and top_p near 0,
+    token-id prompts), sent while greedy requests run: those are served, and the greedy outputs are the same
+    as when each ran alone."""
+    greedy = [{"model": MODEL, "prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+              for p in ("The os module", "Return the path", "hello")]
+    odd = [{"model": MODEL, "prompt": "x", "max_tokens": 8, **extra} for extra in (
+        {"seed": -2**63}, {"seed": 2**63 - 1}, {"seed": -1}, {"temperature": 1e-300}, {"top_p": 1e-300},
+        {"temperature": 2, "top_p": 1e-9, "seed": 3}, {"prompt": [1, 2, 3]}, {"n": 4, "seed": 11})]
+
+    async def run(bodies: list[dict]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=app["api"], headers=AUTH, timeout=60) as http:
+            return await asyncio.gather(*(http.post("/completions", json=b) for b in bodies))
+
+    alone = [asyncio.run(run([g]))[0].json()["choices"][0]["text"] for g in greedy]
+    mixed = asyncio.run(run([*greedy, *odd, *odd]))
+    assert all(r.status_code == 200 for r in mixed), [r.text[:300] for r in mixed if r.status_code != 200]
+    assert [r.json()["choices"][0]["text"] for r in mixed[:3]] == alone
+    four = mixed[3 + len(odd) - 1].json()["choices"]
+    assert [c["index"] for c in four] == [0, 1, 2, 3] and len({c["text"] for c in four}) > 1
+    assert four == mixed[-1].json()["choices"]  # seeded: the same request gives the same n choices
+
+
+def test_docs_and_openapi_need_the_key(app):
+    base = app["api"][:-3]
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(base + path).status_code == 401
+        assert httpx.get(base + path, headers=AUTH).status_code == 200
+
+
+# ---- conformance with OpenAI's published schemas ----
+
+def test_chat_with_n_and_logprobs_matches_the_schema(client):
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0.9, seed=5, n=2,
+                                       logprobs=True, top_logprobs=3)
+    body = r.model_dump(exclude_unset=True)
+    validate(body, "CreateChatCompletionResponse")
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.message.refusal is None
+        tokens = c.logprobs.content
+        joined = b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", "replace").rstrip("\ufffd")
+        assert joined == c.message.content or c.finish_reason == "stop"
+        assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in tokens)
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+
+
+def test_chat_stream_with_usage_matches_the_schema(app):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 8, "n": 2, "stream": True, "logprobs": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", app["api"] + "/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    finishes = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+    assert len(finishes) == 2
+
+
+def test_completions_echo_logprobs_as_lm_eval_asks(app):
+    """lm-evaluation-harness's log-likelihood requests: echo, max_tokens 0 (or 1), logprobs, token-id or text
+    prompts, several prompts per request."""
+    body = {"model": MODEL, "prompt": ["The os module", "Return the"], "echo": True, "max_tokens": 0,
+            "logprobs": 1, "temperature": 0}
+    r = httpx.post(app["api"] + "/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    validate(r.json(), "CreateCompletionResponse")
+    for choice, prompt in zip(r.json()["choices"], body["prompt"]):
+        lp = choice["logprobs"]
+        assert choice["text"] == prompt and lp["token_logprobs"][0] is None
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) >= 2
+        assert all(x <= 0 for x in lp["token_logprobs"][1:])
+    body = {**body, "prompt": [5, 6, 7, 8], "max_tokens": 1}
+    choice = httpx.post(app["api"] + "/completions", json=body, headers=AUTH, timeout=60).json()["choices"][0]
+    assert len(choice["logprobs"]["tokens"]) == 5  # the 4 prompt tokens, then the generated one
+
+
+def test_completions_stream_and_models_match_the_schema(app, client):
+    body = {"model": MODEL, "prompt": "The os module", "max_tokens": 6, "stream": True, "logprobs": 2,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", app["api"] + "/completions", json=body, headers=AUTH, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for chunk in events:
+        validate(chunk, "CreateCompletionResponse")
+    assert events[-1]["usage"]["completion_tokens"] > 0
+    validate(httpx.get(app["api"] + "/models", headers=AUTH).json(), "ListModelsResponse")
+    validate(httpx.get(app["api"] + f"/models/{MODEL}", headers=AUTH).json(), "Model")

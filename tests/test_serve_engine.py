@@ -199,3 +199,78 @@ def test_build_app_args(tiny_chat_model):  # noqa: F811
         build_app({"model": "/nonexistent"})
     with pytest.raises(ConfigError, match="serve.max_batch_size"):
         build_app({"model": str(tiny_chat_model), "overrides": ["serve.max_batch_size=0"]})
+
+
+# ---- hostile and odd request bodies: each a 400 naming what is wrong ----
+
+CHAT_BODY = '"model": "m", "messages": [{"role": "user", "content": "x"}]'
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "m", "seed": ' + b"9" * 5000 + b"}", None),  # an integer too long to parse
+    (b'{"model": "m", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # nested past any sane depth
+    (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', None),  # a lone surrogate
+    (b"\xff\xfe{}", None),  # not UTF-8
+    (b"[1, 2]", None),
+    (b'"just a string"', None),
+    (("{" + CHAT_BODY + ', "temperature": NaN}').encode(), "temperature"),
+    (("{" + CHAT_BODY + ', "temperature": Infinity}').encode(), "temperature"),
+    (("{" + CHAT_BODY + ', "temperature": 1e-400}').encode(), None),  # parses as 0.0: valid (greedy)
+    (("{" + CHAT_BODY + f', "seed": {2**64}}}').encode(), "seed"),
+    (("{" + CHAT_BODY + f', "seed": {-2**63 - 1}}}').encode(), "seed"),
+    (("{" + CHAT_BODY + ', "seed": 1.5}').encode(), "seed"),
+    (("{" + CHAT_BODY + ', "top_p": 0}').encode(), "top_p"),
+    (("{" + CHAT_BODY + ', "n": 0}').encode(), "n"),
+    (("{" + CHAT_BODY + ', "max_tokens": -1}').encode(), "max_tokens"),
+    (("{" + CHAT_BODY + ', "stream": "yes"}').encode(), "stream"),
+    (("{" + CHAT_BODY + ', "tools": [{"type": "function"}]}').encode(), "tools"),
+    (("{" + CHAT_BODY + ', "response_format": {"type": "json_object"}}').encode(), "response_format"),
+    (("{" + CHAT_BODY + ', "logit_bias": {"5": 10}}').encode(), "logit_bias"),
+    (("{" + CHAT_BODY + ', "presence_penalty": 0.5}').encode(), "presence_penalty"),
+    (b'{"model": "m", "messages": [{"role": "tool", "content": "x"}]}', "messages"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "messages"),
+    (b'{"model": "m", "messages": [{"role": "user"}]}', "messages"),
+    (b'{"model": 5, "messages": []}', "model"),
+])
+def test_hostile_chat_bodies_are_400_naming_the_field(body, param):
+    if b"1e-400" in body:
+        assert oa.parse_request(body, oa.ChatRequest, 10**7).temperature == 0
+        return
+    with pytest.raises(oa.APIError) as err:
+        req = oa.parse_request(body, oa.ChatRequest, 10**7)
+        req.messages_for_template()  # content parts are checked when rendered
+    assert err.value.status == 400, err.value.message
+    assert err.value.param == param, err.value.message
+    assert "Traceback" not in err.value.message and len(err.value.message) < 600
+
+
+def test_request_fields_null_means_default_and_checks_that_need_two_fields():
+    req = oa.parse_request(("{" + CHAT_BODY + ', "temperature": null, "n": null, "seed": null}').encode(),
+                           oa.ChatRequest, 10_000)
+    assert (req.temperature, req.n, req.seed) == (1.0, 1, None)
+    req = oa.parse_request(("{" + CHAT_BODY + ', "top_logprobs": 3}').encode(), oa.ChatRequest, 10_000)
+    with pytest.raises(oa.APIError, match="logprobs") as err:
+        req.logprob_counts()
+    assert err.value.param == "top_logprobs"
+    for prompt in ('""', "[]", '[""]', "[[]]"):
+        req = oa.parse_request(f'{{"model": "m", "prompt": {prompt}}}'.encode(), oa.CompletionRequest, 10_000)
+        with pytest.raises(oa.APIError) as err:
+            req.prompts()
+        assert err.value.param == "prompt"
+    req = oa.parse_request(b'{"model": "m", "prompt": "x", "max_tokens": 0}', oa.CompletionRequest, 10_000)
+    with pytest.raises(oa.APIError, match="echo"):
+        req.token_budget()
+    req = oa.parse_request(b'{"model": "m", "prompt": [[1, 2], [3]], "echo": true, "max_tokens": 0, "logprobs": 2}',
+                           oa.CompletionRequest, 10_000)
+    assert req.prompts() == [[1, 2], [3]] and req.token_budget() == 0 and req.logprob_counts() == (2, 2)
+
+
+@pytest.mark.parametrize("params", [
+    {"max_tokens": -1}, {"max_tokens": 4, "temperature": float("nan")}, {"max_tokens": 4, "temperature": -1},
+    {"max_tokens": 4, "top_p": 0}, {"max_tokens": 4, "seed": "7"}, {"max_tokens": 4, "logprobs": 21},
+    {"max_tokens": 4, "stop": [3]},
+])
+def test_sampling_params_refuse_what_the_engine_cannot_use(params):
+    from serve.engine import RequestError
+    with pytest.raises(RequestError):
+        SamplingParams(**params)

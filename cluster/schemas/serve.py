@@ -62,6 +62,7 @@ class ServeConfig:
     max_prompt_tokens: int = 192
     max_new_tokens: int = 128
     max_body_bytes: int = 1_000_000
+    max_choices: int = 8  # choices per request: n x the number of prompts (completions take several)
     demo: bool = True  # the Gradio chat demo at /demo
     demo_api_url: str | None = None  # where the demo calls the API; None: http://127.0.0.1:<port>/v1
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
@@ -70,7 +71,8 @@ class ServeConfig:
         if not 0 < self.port < 65536:
             raise ValueError(f"port: must be in 1..65535, got {self.port}")
         _positive(self, "num_cpus", "max_ongoing_requests", "max_batch_size", "stream_interval", "ingress_replicas",
-                  "ingress_num_cpus", "max_pending_requests", "request_timeout_s", "max_prompt_tokens", "max_new_tokens", "max_body_bytes")
+                  "ingress_num_cpus", "max_pending_requests", "request_timeout_s", "max_prompt_tokens", "max_new_tokens", "max_body_bytes",
+                  "max_choices")
         if self.num_gpus < 0:
             raise ValueError(f"num_gpus: must be >= 0, got {self.num_gpus}")
         if self.batch_wait_timeout_s < 0:
