@@ -64,21 +64,23 @@ def deploy(ctx: StageContext) -> dict:
 
     cfg = ctx.recipe.serve
     model_dir = resolve_model_dir(ctx)
-    read_api_key(cfg)  # a missing key file fails here, not in a replica
+    keyed = read_api_key(cfg) is not None  # a missing key file fails here, not in a replica
     init_ray(ctx.recipe.ray, ctx.address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_from_config(cfg, model_dir), name=APP_NAME, route_prefix="/")
     urls = endpoint_urls(cfg.host, cfg.port)
     wait_healthy(urls["health"])
-    info = {**urls, "model": str(model_dir), "model_name": cfg.model_name, "app": APP_NAME}
+    info = {**urls, "model": str(model_dir), "model_name": cfg.model_name, "app": APP_NAME, "api_key": keyed}
     atomic_write_json(ctx.stage_dir("serve") / "endpoint.json", info)
     return info
 
 
 def run(ctx: StageContext) -> dict:
     info = deploy(ctx)
+    key = " (API key required)" if info["api_key"] else ""
+    demo = " (log in with any user name and the API key as password)" if info["api_key"] else ""
     print(f"raylm serve: model {info['model']}\n  API:  {info['api']}  (OpenAI-compatible, model "
-          f"{info['model_name']!r})\n  demo: {info['demo']}", flush=True)
+          f"{info['model_name']!r}){key}\n  demo: {info['demo']}{demo}", flush=True)
     if ctx.options.get("block", True):
         _block_until_interrupted()
     elif not (ctx.address or os.environ.get("RAY_ADDRESS") or ctx.recipe.ray.address):

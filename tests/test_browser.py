@@ -1,6 +1,8 @@
-"""The Gradio chat demo in a real browser: headless Debian Chromium driven by Playwright opens /demo/, sends a
-message with greedy sampling and sees the reply stream in; the screenshot is kept in test-artifacts/.
-Deployed through the stage entry (``serve.stage.run`` with block=False), as ``raylm serve --no-block`` does."""
+"""The Gradio chat demo in a real browser, on a server with an API key: headless Debian Chromium driven by Playwright
+opens /demo/, is asked for the key, is refused with a wrong one, logs in with the right one, sends a message and
+sees the reply stream in; screenshots are kept in test-artifacts/. Without the key, Gradio's API and upload routes
+answer 401. Deployed through the stage entry (``serve.stage.run`` with block=False), as ``raylm serve --no-block``
+does."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from serve_fixtures import deployed, tiny_chat_model  # noqa: F401 - fixture
@@ -20,6 +23,7 @@ CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MESSAGE = "Hello, who are you?"
+API_KEY = "demo-key-6789"
 
 # Records every length the last bot message takes, so the test can tell a streamed reply from one that
 # arrived whole.
@@ -54,7 +58,10 @@ def browser():
 @pytest.fixture(scope="module")
 def demo_app(ray_cluster, tiny_chat_model, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("serve-demo")
-    with deployed(tmp / "run", tiny_chat_model, ["serve.max_new_tokens=48"]) as (info, ctx):
+    key_file = tmp / "api-key"
+    key_file.write_text(API_KEY)
+    overrides = ["serve.max_new_tokens=48", f"serve.api_key_file={key_file}"]
+    with deployed(tmp / "run", tiny_chat_model, overrides) as (info, ctx):
         yield info, ctx
 
 
@@ -62,7 +69,7 @@ def expected_reply(api: str) -> openai.types.chat.ChatCompletion:
     """What the demo must show: the same request (default system prompt, greedy) sent with the openai client."""
     from serve.ui import DEFAULT_SYSTEM_PROMPT
 
-    client = openai.OpenAI(base_url=api, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=api, api_key=API_KEY, max_retries=0)
     return client.chat.completions.create(
         model="raylm", temperature=0, top_p=0.95, max_tokens=48,
         messages=[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": MESSAGE}])
@@ -74,15 +81,40 @@ def test_stage_wrote_endpoint_file(demo_app):
     assert saved["api"] == info["api"] and saved["demo"] == info["demo"]
 
 
-def test_demo_streams_a_reply_in_chromium(demo_app, browser, artifacts_dir):
+def test_demo_routes_need_the_key(demo_app):
+    info, _ = demo_app
+    demo = info["demo"]
+    assert httpx.get(demo + "config").status_code == 401
+    files = {"files": ("a.txt", b"x" * 10)}
+    assert httpx.post(demo + "gradio_api/upload", files=files).status_code == 401
+    with httpx.Client() as http:  # logged in: the upload route stays bounded (the chat takes no files)
+        assert http.post(demo + "login", data={"username": "u", "password": "wrong"}).status_code == 400
+        assert http.post(demo + "login", data={"username": "u", "password": API_KEY}).status_code == 200
+        assert http.get(demo + "config").status_code == 200
+        big = http.post(demo + "gradio_api/upload", files={"files": ("big.bin", b"x" * 200_000)})
+        assert big.status_code == 413, big.text[:300]
+
+
+def log_in(page, password: str) -> None:
+    page.locator("input[type=password]").wait_for(timeout=60_000)
+    page.get_by_role("textbox").first.fill("someone")
+    page.locator("input[type=password]").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
+def test_demo_asks_for_the_key_then_streams_a_reply_in_chromium(demo_app, browser, artifacts_dir):
     info, _ = demo_app
     expected = expected_reply(info["api"])
     assert expected.usage.completion_tokens >= 8, "the fixture model's greedy reply is too short to see streaming"
 
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto(info["demo"], wait_until="load")  # never networkidle: Gradio keeps a heartbeat open
+    log_in(page, "not-the-key")
+    page.get_by_text("Incorrect Credentials").wait_for(timeout=30_000)
+    page.screenshot(path=str(artifacts_dir / "serve-demo-login-refused.png"), full_page=True)
+    log_in(page, API_KEY)
     box = page.get_by_role("textbox").first
-    box.wait_for(timeout=60_000)
+    page.get_by_text("raylm chat").first.wait_for(timeout=60_000)
     page.evaluate(OBSERVE_BOT)
     box.fill(MESSAGE)
     box.press("Enter")
@@ -101,6 +133,7 @@ def test_demo_streams_a_reply_in_chromium(demo_app, browser, artifacts_dir):
         page.wait_for_timeout(200)  # polling under the deadline above
     page.screenshot(path=str(artifacts_dir / "serve-demo-chat.png"), full_page=True)
     assert shown, "the demo showed no reply"
+    assert "error" not in shown.lower()[:20], shown
     lengths = page.evaluate("window.__botLengths")
     assert len({n for n in lengths if n > 0}) >= 2, f"the reply did not stream: lengths seen {lengths}"
     page.close()
