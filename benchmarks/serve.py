@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny model fixture
 
 PROMPTS = ["Explain what a context manager is.", "Write a short poem about rivers.", "What is a tokenizer?",
            "List three uses of a hash map.", "Describe the os module.", "Why do models need a KV cache?"]
@@ -144,8 +145,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ray import serve
-
-    from serve.tiny_model import build_tiny_chat_model
+    from tiny_chat_model import build_tiny_chat_model
 
     tmp = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))
     model_dir = args.model or build_tiny_chat_model(tmp / "model", vocab_size=4096, dim=128, layers=4)

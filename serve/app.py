@@ -13,7 +13,6 @@ One application, APP_NAME, of two deployments whose names are stable (serveConfi
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shlex
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from ray.serve import Application
 
 from cluster.recipe import load_recipe
 from cluster.schemas.serve import ServeConfig
+from serve.sampling import Delta, SamplingParams
 
 APP_NAME = "raylm"
 INGRESS = "OpenAIIngress"
@@ -40,15 +40,12 @@ class LLMEngine:
         self.engine = Engine(model_dir)
         self.scheduler = Scheduler(self.engine, max_batch_size, stream_interval, gather_s=batch_wait_timeout_s)
 
-    async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """request: {"prompt_ids": [...], "params": SamplingParams fields}. Yields serve.engine.Delta's fields
-        (text, completion_tokens, finish_reason, logprobs, prompt_logprobs) as the request's tokens come."""
-        from serve.engine import SamplingParams
-
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Yields the request's Deltas (text, completion_tokens, finish_reason, log-probs) as its tokens come."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         key = object()
-        self.scheduler.submit(key, request["prompt_ids"], SamplingParams(**request["params"]),
+        self.scheduler.submit(key, prompt_ids, params,
                               lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
         finished = False
         try:
@@ -57,7 +54,7 @@ class LLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish_reason is not None
-                yield dataclasses.asdict(item)
+                yield item
         finally:
             if not finished:  # the client went away (or an error): free the request's batch slot
                 self.scheduler.cancel(key)

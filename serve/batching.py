@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from serve.engine import Delta, Engine, SamplingParams, TokenLogprob, left_pad, merge
+from serve.engine import Engine, left_pad
+from serve.sampling import Delta, SamplingParams, TokenLogprob, merge
 
 
 def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

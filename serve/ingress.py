@@ -32,6 +32,7 @@ from cluster.config import from_dict
 from cluster.schemas.serve import ServeConfig
 from serve import openai_api as oa
 from serve.relay import Choice, Relay, SlotResponse
+from serve.sampling import Delta, RequestError, SamplingParams
 
 log = logging.getLogger("ray.serve")
 
@@ -75,7 +76,7 @@ def engine_error(exc: BaseException, timeout_s: float, request_id: str = "-") ->
     if isinstance(exc, DeploymentUnavailableError):
         return oa.unavailable("no engine replica is available; retry later")
     cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps what the replica raised
-    if isinstance(cause, ValueError):  # the engine's RequestError: this request's fault, said plainly
+    if isinstance(cause, RequestError):  # this request's fault, said plainly
         return oa.bad_request(str(cause).splitlines()[0][:500])
     return internal_error(exc, request_id)
 
@@ -194,12 +195,12 @@ class OpenAIIngress:
                 raise oa.bad_request(f"prompt: token ids must be in 0..{self.vocab_size - 1}", "prompt")
         return out
 
-    async def engine_stream(self, prompt_ids: list[int], params: dict, deadline: float,
-                            request_id: str) -> AsyncIterator[dict]:
+    async def engine_stream(self, prompt_ids: list[int], params: SamplingParams, deadline: float,
+                            request_id: str) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         gen = None
         try:
-            gen = self.engine.options(stream=True).generate.remote({"prompt_ids": prompt_ids, "params": params})
+            gen = self.engine.options(stream=True).generate.remote(prompt_ids, params)
             while True:
                 try:
                     delta = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - loop.time()))
@@ -212,7 +213,7 @@ class OpenAIIngress:
             if gen is not None:
                 gen.cancel()
 
-    async def open_choice(self, index: int, ids: list[int], params: dict, deadline: float,
+    async def open_choice(self, index: int, ids: list[int], params: SamplingParams, deadline: float,
                           request_id: str) -> Choice:
         """Start one choice's engine stream and wait for its first delta, so engine errors before the first token
         get a real status; a replica that died before starting it gets the request again."""
@@ -271,13 +272,16 @@ class OpenAIIngress:
         params = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                   "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "logprobs": logprobs,
                   "prompt_logprobs": prompt_logprobs}
+        try:
+            choice_params = [SamplingParams(**params, seed=None if req.seed is None else req.seed + j)
+                             for j in range(req.n)]
+        except RequestError as exc:
+            raise oa.bad_request(str(exc), str(exc).split(":")[0]) from None
         deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
         rid = request.state.request_id
         # choice i answers prompt i // n; with a seed, choice j of a prompt samples with seed + j (reproducible,
         # and the n samples differ)
-        opening = [self.open_choice(i, prompts[i // req.n][1],
-                                    {**params, "seed": None if req.seed is None else req.seed + i % req.n},
-                                    deadline, rid)
+        opening = [self.open_choice(i, prompts[i // req.n][1], choice_params[i % req.n], deadline, rid)
                    for i in range(len(prompts) * req.n)]
         results = await asyncio.gather(*opening, return_exceptions=True)
         choices = [r for r in results if isinstance(r, Choice)]

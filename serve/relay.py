@@ -10,30 +10,31 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serve import openai_api as oa
+from serve.sampling import Delta
 
 
 @dataclass
 class Choice:
     index: int
-    first: dict  # the engine's first delta (fetched before the response started: errors get a real status)
-    rest: AsyncIterator[dict]
+    first: Delta  # the engine's first delta (fetched before the response started: errors get a real status)
+    rest: AsyncIterator[Delta]
     echo: str = ""  # the prompt's text, sent first (completions with echo)
     completion_tokens: int = 0
     finish: str | None = None
     parts: list[str] = field(default_factory=list)
     entries: list = field(default_factory=list)  # log-prob entries, prompt's first when echoed
 
-    async def deltas(self) -> AsyncIterator[dict]:
+    async def deltas(self) -> AsyncIterator[Delta]:
         yield self.first
         async for d in self.rest:
             yield d
 
-    def take(self, d: dict) -> list:
+    def take(self, d: Delta) -> list:
         """Record one engine delta; return its new log-prob entries (prompt ones first)."""
-        self.completion_tokens = d["completion_tokens"]
-        self.finish = d["finish_reason"] or self.finish
-        self.parts.append(d["text"])
-        new = [*(d.get("prompt_logprobs") or []), *(d.get("logprobs") or [])]
+        self.completion_tokens = d.completion_tokens
+        self.finish = d.finish_reason or self.finish
+        self.parts.append(d.text)
+        new = [*(d.prompt_logprobs or []), *(d.logprobs or [])]
         self.entries += new
         return new
 
@@ -125,8 +126,8 @@ class Relay:
                 if isinstance(item, Exception):
                     raise item
                 entries = c.take(item)
-                if item["text"] or entries:
-                    yield self._chunk(c, item["text"], None, entries, offsets[c.index])
+                if item.text or entries:
+                    yield self._chunk(c, item.text, None, entries, offsets[c.index])
                 offsets[c.index] += sum(len(self.info(e[0])[0]) for e in entries)
             if self.include_usage:
                 build = oa.chat_chunk if self.kind == "chat" else oa.completion_chunk

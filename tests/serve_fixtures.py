@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
-    from serve.tiny_model import build_tiny_chat_model
+    from tiny_chat_model import build_tiny_chat_model
 
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
 

@@ -10,7 +10,8 @@ import torch
 from serve_fixtures import tiny_chat_model  # noqa: F401 - fixture
 
 from serve.batching import RunningBatch, Scheduler, generate, pad_left
-from serve.engine import Delta, Engine, SamplingParams
+from serve.engine import Engine
+from serve.sampling import Delta, SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from cluster.config import ConfigError
 from cluster.recipe import load_recipe
 from serve import openai_api as oa
 from serve.batching import generate
-from serve.engine import Engine, SamplingParams, find_stop, held_back, left_pad, top_p_filter
+from serve.engine import Engine, find_stop, held_back, left_pad, top_p_filter
+from serve.sampling import SamplingParams
 from serve.ui import to_openai_messages
 
 
@@ -271,6 +272,6 @@ def test_request_fields_null_means_default_and_checks_that_need_two_fields():
     {"max_tokens": 4, "stop": [3]},
 ])
 def test_sampling_params_refuse_what_the_engine_cannot_use(params):
-    from serve.engine import RequestError
+    from serve.sampling import RequestError
     with pytest.raises(RequestError):
         SamplingParams(**params)

@@ -1,5 +1,5 @@
-"""A tiny random-weight Llama chat model (the project tokenizer trained here, with its chat template), for tests and
-for ``benchmarks/serve.py`` when no trained model is given. Nothing is downloaded."""
+"""A tiny random-weight Llama chat model (the project tokenizer trained here, with its chat template): a fixture of
+the serving tests and of ``benchmarks/serve.py`` (when no trained model is given). Nothing is downloaded."""
 from __future__ import annotations
 
 from pathlib import Path
