@@ -1,24 +1,31 @@
-"""Serving benchmark: output tokens/s and time to first token (p50/p95) of the deployed app at concurrency 1
-and 16, against the baseline measured in the same run: sequential ``model.generate`` (transformers, KV cache,
-greedy) on the same model with the same number of threads.
+"""Serving benchmark: raylm's endpoint against `transformers serve --continuous-batching` (and vLLM's OpenAI server
+when a Python with vllm is given), same model, same machine, same chat requests, one run.
 
-    .venv/bin/python benchmarks/serve.py                      # a random Llama like the tiny-cpu recipe's
-    .venv/bin/python benchmarks/serve.py --model runs/tiny-cpu/ppo/model --threads 2
+    .venv/bin/python benchmarks/serve.py                                 # a random Llama of the tiny-cpu shape
+    .venv/bin/python benchmarks/serve.py --model runs/tiny-cpu/ppo/model --requests 512
+    .venv/bin/python benchmarks/serve.py --vllm-python /opt/vllm-cpu/bin/python
 
-Every request generates exactly --max-tokens tokens (``ignore_eos`` on the API, ``min_new_tokens`` in the
-baseline), so both sides do the same work. Prints one table and a JSON line with the ratios.
+Each server gets the same requests (greedy, so every server generates the same tokens), streamed, at each
+concurrency level (--concurrency, default 1,4,16,64). Output tokens are the usage a server reports at the end of
+the stream (stream_options.include_usage), else the reply re-tokenized with the model's tokenizer. Prints a table
+per server and one JSON line with raylm's ratio to `transformers serve` per level: output tokens/s and p50 time to
+first token. Only one server runs at a time; each is warmed up before it is timed.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny model fixture
@@ -27,151 +34,185 @@ PROMPTS = ["Explain what a context manager is.", "Write a short poem about river
            "List three uses of a hash map.", "Describe the os module.", "Why do models need a KV cache?"]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def baseline(model_dir: Path, n: int, max_tokens: int, threads: int) -> dict:
-    """Sequential transformers generate: one request at a time, TTFT from a streamer's first token."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.generation.streamers import BaseStreamer
-
-    class FirstToken(BaseStreamer):
-        def __init__(self):
-            self.calls, self.first_at = 0, None
-
-        def put(self, value):  # first call: the prompt; second: the first generated token
-            self.calls += 1
-            if self.calls == 2 and self.first_at is None:
-                self.first_at = time.perf_counter()
-
-        def end(self):
-            pass
-
-    torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ttfts, tokens = [], 0
-    start = 0.0
-    for i in range(-1, n):  # request -1 warms up (first-call allocations), not timed
-        if i == 0:
-            ttfts, tokens, start = [], 0, time.perf_counter()
-        msgs = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        streamer = FirstToken()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                 streamer=streamer)
-        ttfts.append(streamer.first_at - t0)
-        tokens += out.shape[1] - ids["input_ids"].shape[1]
-    return {"tokens_per_s": tokens / (time.perf_counter() - start), "ttft": ttfts, "tokens": tokens}
-
-
-async def _serve_load(api: str, n: int, concurrency: int, max_tokens: int) -> dict:
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=api, api_key="bench", max_retries=0, timeout=600)
-    sem = asyncio.Semaphore(concurrency)
-    ttfts: list[float] = []
-    tokens = 0
-
-    async def one(i: int) -> None:
-        nonlocal tokens
-        async with sem:
-            t0 = time.perf_counter()
-            stream = await client.chat.completions.create(
-                model="raylm", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True})
-            first = None
-            async for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter() - t0
-                if chunk.usage:
-                    tokens += chunk.usage.completion_tokens
-            ttfts.append(first if first is not None else time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    async with client:
-        await asyncio.gather(*(one(i) for i in range(n)))
-    return {"tokens_per_s": tokens / (time.perf_counter() - start), "ttft": ttfts, "tokens": tokens}
-
-
-def serve_load(api: str, n: int, concurrency: int, max_tokens: int) -> dict:
-    return asyncio.run(_serve_load(api, n, concurrency, max_tokens))
-
-
-def deploy(model_dir: Path, threads: int, max_tokens: int, stream_interval: int, run_dir: Path) -> dict:
+def free_port() -> int:
     import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _load(api: str, model: str, n: int, concurrency: int, max_tokens: int, count) -> dict:
+    """n streamed chat requests, at most ``concurrency`` in flight; raw SSE over httpx (a light client, so the
+    client's own CPU takes as little from the servers as it can on a small machine)."""
+    sem = asyncio.Semaphore(concurrency)
+    ttfts, tokens, failed = [], 0, 0
+
+    async def one(http: httpx.AsyncClient, i: int) -> None:
+        nonlocal tokens, failed
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with sem:
+            t0, first, text, used = time.perf_counter(), None, [], None
+            async with http.stream("POST", f"{api}/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    failed += 1
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    used = (chunk.get("usage") or {}).get("completion_tokens", used)
+                    piece = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+                    if piece:
+                        first = first or time.perf_counter() - t0
+                        text.append(piece)
+            ttfts.append(first if first is not None else time.perf_counter() - t0)
+            tokens += used if used is not None else count("".join(text))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers={"Authorization": "Bearer bench"}) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(http, i) for i in range(n)))
+        wall = time.perf_counter() - start
+    return {"tokens_per_s": tokens / wall, "requests_per_s": (n - failed) / wall, "failed": failed,
+            "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None, "tokens": tokens}
+
+
+def measure(name: str, api: str, model: str, levels: list[int], requests: int, max_tokens: int, count) -> dict:
+    asyncio.run(_load(api, model, 8, 4, max_tokens, count))  # warm-up: lazy imports, allocations, compiles
+    rows = {}
+    for c in levels:
+        n = max(c * 4, requests if c >= 16 else requests // 4)
+        r = asyncio.run(_load(api, model, n, c, max_tokens, count))
+        rows[c] = r
+        print(f"{name:<22} c{c:<3} {n:>4} req  {r['tokens_per_s']:>8.1f} tok/s  {r['requests_per_s']:>6.1f} req/s  "
+              f"TTFT p50 {r['ttft_p50_ms']:>8.1f} ms  failed {r['failed']}", flush=True)
+    return rows
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before answering {url}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)  # polling under the deadline above
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+def subprocess_server(cmd: list[str], health: str, env: dict | None = None):
+    """Start a peer server in its own process group; returns a function that stops it."""
+    log = tempfile.NamedTemporaryFile(prefix="raylm-bench-peer-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+    try:
+        wait_healthy(health, proc)
+    except (RuntimeError, TimeoutError):
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError(f"{cmd[0]} failed; its log: {log.name}") from None
+
+    def stop() -> None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return stop
+
+
+def run_raylm(model_dir: Path, args, count) -> dict:
+    import ray
+    from ray import serve
 
     from cluster.recipe import load_recipe
     from cluster.rundir import RunDir
     from cluster.stage import StageContext
-    from serve.stage import deploy as deploy_stage
+    from serve.stage import deploy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    overrides = [f"serve.model={model_dir}", f"serve.port={port}", "serve.demo=false", f"serve.num_cpus={threads}",
-                 f"serve.stream_interval={stream_interval}",
-                 "serve.max_batch_size=16", "serve.max_ongoing_requests=32", f"serve.max_new_tokens={max_tokens}",
+    overrides = [f"serve.model={model_dir}", f"serve.port={free_port()}", "serve.demo=false",
+                 f"serve.num_cpus={args.threads}", f"serve.max_new_tokens={args.max_tokens}",
+                 "serve.max_batch_size=64", "serve.max_ongoing_requests=96", "serve.max_pending_requests=256",
                  "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                 f"ray.num_cpus={threads + 2}"]
+                 f"ray.num_cpus={args.threads + 2}", *args.raylm_override]
     recipe = load_recipe(None, overrides)
-    return deploy_stage(StageContext(recipe=recipe, run_dir=RunDir.create(run_dir)))
+    info = deploy(StageContext(recipe=recipe, run_dir=RunDir.create(Path(tempfile.mkdtemp()) / "run")))
+    try:
+        return measure("raylm", info["api"], "raylm", args.levels, args.requests, args.max_tokens, count)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
-def summarize(name: str, r: dict, base: dict) -> dict:
-    row = {"name": name, "tokens_per_s": round(r["tokens_per_s"], 1),
-           "ttft_p50_ms": round(1000 * statistics.median(r["ttft"]), 1),
-           "ttft_p95_ms": round(1000 * percentile(r["ttft"], 0.95), 1),
-           "tokens_per_s_vs_baseline": round(r["tokens_per_s"] / base["tokens_per_s"], 2)}
-    print(f"{name:<28} {row['tokens_per_s']:>10} tok/s  x{row['tokens_per_s_vs_baseline']:<6} "
-          f"TTFT p50 {row['ttft_p50_ms']:>8} ms  p95 {row['ttft_p95_ms']:>8} ms", flush=True)
-    return row
+def run_transformers(model_dir: Path, args, count) -> dict:
+    port = free_port()
+    cli = Path(sys.executable).parent / "transformers"
+    stop = subprocess_server([str(cli), "serve", "--continuous-batching", "--host", "127.0.0.1", "--port",
+                              str(port), "--dtype", "float32", str(model_dir)],
+                             f"http://127.0.0.1:{port}/health", {"OMP_NUM_THREADS": str(args.threads)})
+    try:
+        return measure("transformers serve", f"http://127.0.0.1:{port}/v1", str(model_dir), args.levels,
+                       args.requests, args.max_tokens, count)
+    finally:
+        stop()
+
+
+def run_vllm(model_dir: Path, args, count) -> dict:
+    port = free_port()
+    stop = subprocess_server([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                              str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--served-model-name",
+                              "raylm", "--max-model-len", "512", "--dtype", "float32"],
+                             f"http://127.0.0.1:{port}/health", {"VLLM_CPU_OMP_THREADS_BIND": "all"})
+    try:
+        return measure("vllm", f"http://127.0.0.1:{port}/v1", "raylm", args.levels, args.requests,
+                       args.max_tokens, count)
+    finally:
+        stop()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="HF model dir (default: a random Llama of the tiny-cpu shape)")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--requests-c1", type=int, default=8)
-    ap.add_argument("--requests-c16", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads: baseline process and engine replica")
-    ap.add_argument("--stream-interval", type=int, default=4, help="serve.stream_interval")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=512, help="requests at c16 and above (a quarter below)")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server's model")
+    ap.add_argument("--vllm-python", help="a Python with vllm (e.g. vllm-cpu) installed: adds vLLM's server")
+    ap.add_argument("--raylm-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for raylm's server, e.g. serve.stream_interval=8")
     args = ap.parse_args()
+    args.levels = [int(c) for c in args.concurrency.split(",")]
 
-    from ray import serve
     from tiny_chat_model import build_tiny_chat_model
+    from transformers import AutoTokenizer
 
-    tmp = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))
-    model_dir = args.model or build_tiny_chat_model(tmp / "model", vocab_size=4096, dim=128, layers=4)
-    print(f"model {model_dir}, {args.max_tokens} tokens per request, {args.threads} thread(s) each side",
-          flush=True)
-    before = baseline(model_dir, args.requests_c1, args.max_tokens, args.threads)
-    info = deploy(model_dir, args.threads, args.max_tokens, args.stream_interval, tmp / "run")
-    try:
-        serve_load(info["api"], 4, 4, 8)  # warm-up: first requests pay for lazy imports and allocations
-        c1 = serve_load(info["api"], args.requests_c1, 1, args.max_tokens)
-        c16 = serve_load(info["api"], args.requests_c16, 16, args.max_tokens)
-    finally:
-        serve.shutdown()
-        import ray
-        ray.shutdown()
-    # The baseline runs before and after the serving runs and counts as their mean, so a machine shared with
-    # other work skews the ratios less.
-    after = baseline(model_dir, args.requests_c1, args.max_tokens, args.threads)
-    base = {"tokens_per_s": (before["tokens_per_s"] + after["tokens_per_s"]) / 2, "ttft": before["ttft"] + after["ttft"]}
-    print(f"baseline tokens/s before {before['tokens_per_s']:.1f}, after {after['tokens_per_s']:.1f}")
-    rows = [summarize("baseline: sequential generate", base, base), summarize("serve, concurrency 1", c1, base),
-            summarize("serve, concurrency 16", c16, base)]
-    print(json.dumps({"benchmark": "serve", "max_tokens": args.max_tokens, "threads": args.threads,
-                      "stream_interval": args.stream_interval, "rows": rows}))
+    model_dir = args.model or build_tiny_chat_model(Path(tempfile.mkdtemp()) / "model", vocab_size=4096, dim=128,
+                                                    layers=4)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def count(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=False))
+
+    print(f"model {model_dir}; {args.max_tokens} tokens per request, greedy, streamed; {args.threads} threads; "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    results = {"transformers serve": run_transformers(model_dir, args, count),
+               "raylm": run_raylm(model_dir, args, count)}
+    if args.vllm_python:
+        results["vllm"] = run_vllm(model_dir, args, count)
+    peer = results["transformers serve"]
+    ratios = {f"c{c}": {"tokens_per_s": round(results["raylm"][c]["tokens_per_s"] / peer[c]["tokens_per_s"], 2),
+                        "ttft_p50": round(results["raylm"][c]["ttft_p50_ms"] / peer[c]["ttft_p50_ms"], 2)}
+              for c in args.levels}
+    for c, r in ratios.items():
+        print(f"raylm / transformers serve at {c}: {r['tokens_per_s']}x output tokens/s, {r['ttft_p50']}x p50 TTFT")
+    print(json.dumps({"benchmark": "serve", "baseline": "transformers serve --continuous-batching",
+                      "max_tokens": args.max_tokens, "threads": args.threads, "ratios": ratios,
+                      "results": {k: {f"c{c}": v for c, v in r.items()} for k, r in results.items()}}))
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "bench"
     main()
