@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster import k8s
+from cluster import k8s, kuberay_rules
 from cluster.recipe import PROJECT_ROOT, load_recipe
 
 OVERLAYS = ["dev", "gpu"]
@@ -170,10 +170,10 @@ def test_crd_check_rejects_unknown_and_wrong_fields(rendered, crd_validators):
 def test_kuberay_semantic_rules(rendered):
     for overlay in OVERLAYS:
         for obj in _kuberay(rendered[overlay]):
-            assert not k8s.kuberay_errors(obj)
+            assert not kuberay_rules.kuberay_errors(obj)
     bad = {"workerGroupSpecs": [{"groupName": "w", "minReplicas": 1, "replicas": 3, "maxReplicas": 2},
                                 {"groupName": "w", "minReplicas": 0, "maxReplicas": 1}]}
-    errors = k8s.cluster_spec_errors(bad, "RayCluster/x")
+    errors = kuberay_rules.cluster_spec_errors(bad, "RayCluster/x")
     assert any("not unique" in e for e in errors) and any("replicas (3) <= maxReplicas (2)" in e for e in errors)
 
 
@@ -282,7 +282,7 @@ def test_pods_are_bounded_and_serve_reads_runs_only(rendered):
                                  if m["name"] == "runs")
                     assert bool(mount.get("readOnly")) == serve
                     assert bool(volumes["runs"]["persistentVolumeClaim"].get("readOnly")) == serve
-            for _, spec in k8s.ray_cluster_specs(obj):
+            for _, spec in kuberay_rules.ray_cluster_specs(obj):
                 resources = spec["autoscalerOptions"]["resources"]
                 assert resources["requests"] == resources["limits"] and resources["limits"]["memory"]
                 assert spec["authOptions"] == {"mode": "token"}
@@ -306,7 +306,7 @@ def test_rayjobs_use_deletion_rules(rendered):
     bad["spec"]["deletionStrategy"]["deletionRules"] += [
         {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 5}, "policy": "DeleteWorkers"},
         {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 9}, "policy": "DeleteSelf"}]
-    errors = "\n".join(k8s.kuberay_errors(bad))
+    errors = "\n".join(kuberay_rules.kuberay_errors(bad))
     for expected in ("cannot be used together", "autoscaling", "duplicate", "must not decrease"):
         assert expected in errors
 
@@ -320,9 +320,9 @@ def test_rayservice_upgrade_strategy(rendered, crd_validators):
     incremental = k8s.rayservice(recipe, profile)
     incremental["metadata"]["namespace"] = "raylm"
     assert incremental["spec"]["upgradeStrategy"]["type"] == "NewClusterWithIncrementalUpgrade"
-    assert not _crd_errors(incremental, crd_validators) and not k8s.kuberay_errors(incremental)
+    assert not _crd_errors(incremental, crd_validators) and not kuberay_rules.kuberay_errors(incremental)
     incremental["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] = False
-    assert any("autoscaler" in e for e in k8s.kuberay_errors(incremental))
+    assert any("autoscaler" in e for e in kuberay_rules.kuberay_errors(incremental))
 
 
 def test_entrypoint_is_shell_quoted():
@@ -335,7 +335,7 @@ def test_entrypoint_is_shell_quoted():
 
 def _pod_templates(obj: dict) -> list[dict]:
     out = []
-    for _, spec in k8s.ray_cluster_specs(obj):
+    for _, spec in kuberay_rules.ray_cluster_specs(obj):
         out.append(spec["headGroupSpec"]["template"])
         out += [g["template"] for g in spec.get("workerGroupSpecs", [])]
     if obj["kind"] == "RayJob":
@@ -347,7 +347,7 @@ def _lifted_pods(objs: list[dict]) -> list[dict]:
     """Pod templates inside KubeRay objects as Pods: the tools below know core kinds, not KubeRay's."""
     pods = []
     for obj in _kuberay(objs):
-        for where, spec in k8s.ray_cluster_specs(obj):
+        for where, spec in kuberay_rules.ray_cluster_specs(obj):
             groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
             for group, g in groups:
                 meta = copy.deepcopy(g["template"].get("metadata", {}))
