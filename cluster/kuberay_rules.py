@@ -59,8 +59,14 @@ def service_spec_errors(spec: dict, where: str) -> list[str]:
         return [f"{where}: upgradeStrategy.type {kind!r} is not one of {', '.join(UPGRADE_TYPES)}"]
     errors = []
     if kind == "NewClusterWithIncrementalUpgrade":
-        if not (strategy.get("clusterUpgradeOptions") or {}).get("gatewayClassName"):
+        options = strategy.get("clusterUpgradeOptions") or {}
+        if not options.get("gatewayClassName"):
             errors.append(f"{where}: incremental upgrade needs clusterUpgradeOptions.gatewayClassName")
+        surge, step = options.get("maxSurgePercent", 100), options.get("stepSizePercent", -1)
+        if not (0 <= step <= surge <= 100):
+            errors.append(f"{where}: need 0 <= stepSizePercent ({step}) <= maxSurgePercent ({surge}) <= 100")
+        if options.get("intervalSeconds", 0) <= 0:
+            errors.append(f"{where}: intervalSeconds must be > 0")
         if not (spec.get("rayClusterConfig") or {}).get("enableInTreeAutoscaling"):
             errors.append(f"{where}: incremental upgrade needs the Ray autoscaler (enableInTreeAutoscaling)")
     return errors

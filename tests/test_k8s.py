@@ -322,7 +322,9 @@ def test_rayservice_upgrade_strategy(rendered, crd_validators):
     assert incremental["spec"]["upgradeStrategy"]["type"] == "NewClusterWithIncrementalUpgrade"
     assert not _crd_errors(incremental, crd_validators) and not kuberay_rules.kuberay_errors(incremental)
     incremental["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] = False
-    assert any("autoscaler" in e for e in kuberay_rules.kuberay_errors(incremental))
+    incremental["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["stepSizePercent"] = 50  # > maxSurge 25
+    errors = "\n".join(kuberay_rules.kuberay_errors(incremental))
+    assert "autoscaler" in errors and "stepSizePercent (50) <= maxSurgePercent (25)" in errors
 
 
 def test_entrypoint_is_shell_quoted():
