@@ -11,7 +11,7 @@ step() { printf '\n[install] %s\n' "$*"; }
 
 [ -x "$VENV/bin/python" ] || { step "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 step "pip, setuptools, wheel"
-$PIP install -U pip setuptools wheel
+$PIP install -U -c constraints.txt pip setuptools wheel
 step "torch (CPU build on this machine; on GPU machines set TORCH_SPEC, e.g. TORCH_SPEC='torch==2.13.0')"
 $PIP install -c constraints.txt "${TORCH_SPEC:-torch}"
 step "deepspeed (no build isolation: its setup must see torch)"

@@ -4,8 +4,10 @@ and runtime_env schemas, Kubernetes' schemas for core kinds (kubernetes-validate
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster import k8s
+from cluster import k8s, kuberay_rules
 from cluster.recipe import PROJECT_ROOT, load_recipe
 
 OVERLAYS = ["dev", "gpu"]
@@ -31,9 +33,7 @@ CHECKOV_SKIPS = {
     # Images are pinned per environment by the overlays' `images:` (kustomize edit set image raylm=...@sha256:
     # at release time); the committed manifests carry a version tag because no image has been published.
     "CKV_K8S_43": "image digest: set at release by kustomize",
-    # `FROM base-${VARIANT}` names one of the Dockerfile's own pinned stages (CPU/GPU), not a registry image.
-    "CKV_DOCKER_7": "multi-stage alias, not an image tag",
-}
+}  # the Dockerfile declares its one skip (CKV_DOCKER_7) in place, with its reason
 
 
 def _render(overlay: str, kubectl: str) -> list[dict]:
@@ -70,7 +70,8 @@ def test_overlays_render_every_object(rendered):
     for overlay, objs in rendered.items():
         kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objs)
         assert kinds == ["Ingress/raylm", "Namespace/" + ("raylm-dev" if overlay == "dev" else "raylm"),
-                         "NetworkPolicy/raylm", "PersistentVolumeClaim/raylm-runs", "RayCluster/raylm",
+                         "NetworkPolicy/raylm", "NetworkPolicy/raylm-head", "PersistentVolumeClaim/raylm-runs",
+                         "RayCluster/raylm",
                          "RayJob/raylm-data", "RayJob/raylm-pretrain", "RayJob/raylm-rlhf", "RayService/raylm"]
         images = {c["image"] for o in _kuberay(objs) for p in _pod_templates(o) for c in p["spec"]["containers"]}
         assert images == {f"ghcr.io/raylm/raylm:0.1.0-{'cpu' if overlay == 'dev' else 'gpu'}"}
@@ -169,11 +170,10 @@ def test_crd_check_rejects_unknown_and_wrong_fields(rendered, crd_validators):
 def test_kuberay_semantic_rules(rendered):
     for overlay in OVERLAYS:
         for obj in _kuberay(rendered[overlay]):
-            for where, spec in k8s.ray_cluster_specs(obj):
-                assert not k8s.cluster_spec_errors(spec, where)
+            assert not kuberay_rules.kuberay_errors(obj)
     bad = {"workerGroupSpecs": [{"groupName": "w", "minReplicas": 1, "replicas": 3, "maxReplicas": 2},
                                 {"groupName": "w", "minReplicas": 0, "maxReplicas": 1}]}
-    errors = k8s.cluster_spec_errors(bad, "RayCluster/x")
+    errors = kuberay_rules.cluster_spec_errors(bad, "RayCluster/x")
     assert any("not unique" in e for e in errors) and any("replicas (3) <= maxReplicas (2)" in e for e in errors)
 
 
@@ -225,21 +225,123 @@ def test_job_entrypoints_are_raylm_commands(rendered):
     for overlay in OVERLAYS:
         for job in (o for o in rendered[overlay] if o["kind"] == "RayJob"):
             spec = job["spec"]
-            assert spec["shutdownAfterJobFinishes"] and spec["ttlSecondsAfterFinished"] > 0
-            argv = spec["entrypoint"].split()
+            argv = shlex.split(spec["entrypoint"])
             assert argv[:3] == ["python", "-m", "cluster.cli"]
             args = build_parser().parse_args(argv[3:])
             assert args.config == f"{k8s.APP_DIR}/{k8s.PROFILES[overlay].recipe}"
             assert args.run_dir.startswith(k8s.RUNS_MOUNT)
 
 
+# ---------------------------------------------------------------- safe to expose
+
+def test_demo_is_routed_only_when_the_key_guards_it(rendered):
+    for overlay in OVERLAYS:
+        recipe = load_recipe(PROJECT_ROOT / k8s.PROFILES[overlay].recipe)
+        served = k8s.served(recipe)
+        assert served.api_key_file == k8s.API_KEY_FILE  # the RayService always reads the key Secret
+        ing = next(o for o in rendered[overlay] if o["kind"] == "Ingress")
+        paths = [p["path"] for p in ing["spec"]["rules"][0]["http"]["paths"]]
+        assert paths == (["/v1", "/demo"] if k8s.demo_is_routed(served) else ["/v1"])
+    tiny = load_recipe(PROJECT_ROOT / "configs" / "tiny-cpu.yaml", ["serve.demo=false"])
+    assert not k8s.demo_is_routed(k8s.served(tiny))
+    unguarded = dataclasses.replace(tiny.serve, demo=True, api_key_file=None)
+    assert not k8s.demo_is_routed(unguarded)
+    assert [p["path"] for p in k8s.ingress(unguarded)["spec"]["rules"][0]["http"]["paths"]] == ["/v1"]
+    assert "no API key source" in k8s.demo_route_reason(unguarded)
+
+
+def test_network_policies_admit_only_named_namespaces(rendered):
+    for overlay in OVERLAYS:
+        policies = {o["metadata"]["name"]: o for o in rendered[overlay] if o["kind"] == "NetworkPolicy"}
+        assert "set-by-overlay" not in json.dumps(policies), f"{overlay}: a namespace the overlay must set"
+        ports_from = {}  # port -> the namespaces admitted to it from outside raylm
+        for policy in policies.values():
+            assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and policy["spec"]["egress"]
+            for rule in policy["spec"]["ingress"]:
+                sources = rule["from"]
+                assert sources, f"{overlay}: an ingress rule without `from` admits everyone"
+                if all("podSelector" in src and "namespaceSelector" not in src for src in sources):
+                    continue  # raylm pods among themselves
+                names = [src["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for src in sources]
+                for port in rule["ports"]:
+                    ports_from.setdefault(port["port"], set()).update(names)
+        assert ports_from == {8000: {"ingress-nginx"}, 8265: {"kuberay-system"}}, ports_from
+        head = policies["raylm-head"]["spec"]["podSelector"]["matchLabels"]
+        assert head["ray.io/node-type"] == "head"  # the Jobs API is admitted on the head only
+
+
+def test_pods_are_bounded_and_serve_reads_runs_only(rendered):
+    for overlay in OVERLAYS:
+        for obj in _kuberay(rendered[overlay]):
+            for template in _pod_templates(obj):
+                volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+                assert volumes["tmp"]["emptyDir"].get("sizeLimit"), f"{obj['metadata']['name']}: /tmp unbounded"
+                if "runs" in volumes:
+                    serve = obj["kind"] == "RayService"
+                    mount = next(m for c in template["spec"]["containers"] for m in c["volumeMounts"]
+                                 if m["name"] == "runs")
+                    assert bool(mount.get("readOnly")) == serve
+                    assert bool(volumes["runs"]["persistentVolumeClaim"].get("readOnly")) == serve
+            for _, spec in kuberay_rules.ray_cluster_specs(obj):
+                resources = spec["autoscalerOptions"]["resources"]
+                assert resources["requests"] == resources["limits"] and resources["limits"]["memory"]
+                assert spec["authOptions"] == {"mode": "token"}
+            if obj["kind"] == "RayJob":
+                submitter = obj["spec"]["submitterPodTemplate"]
+                assert submitter["metadata"]["labels"]["app.kubernetes.io/name"] == "raylm"  # NetworkPolicy
+                assert submitter["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_rayjobs_use_deletion_rules(rendered):
+    for job in (o for o in rendered["dev"] if o["kind"] == "RayJob"):
+        spec = job["spec"]
+        assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+        rules = {(r["condition"].get("jobStatus") or r["condition"]["jobDeploymentStatus"], r["policy"]):
+                 r["condition"]["ttlSeconds"] for r in spec["deletionStrategy"]["deletionRules"]}
+        assert rules[("SUCCEEDED", "DeleteCluster")] == 0  # GPUs back at once; outputs are on the runs volume
+        assert rules[("FAILED", "DeleteCluster")] == k8s.PROFILES["dev"].job_debug_ttl_s
+        assert ("Failed", "DeleteCluster") in rules  # a cluster that never came up goes too
+    bad = copy.deepcopy(next(o for o in rendered["dev"] if o["kind"] == "RayJob"))
+    bad["spec"]["shutdownAfterJobFinishes"] = True
+    bad["spec"]["deletionStrategy"]["deletionRules"] += [
+        {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 5}, "policy": "DeleteWorkers"},
+        {"condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 9}, "policy": "DeleteSelf"}]
+    errors = "\n".join(kuberay_rules.kuberay_errors(bad))
+    for expected in ("cannot be used together", "autoscaling", "duplicate", "must not decrease"):
+        assert expected in errors
+
+
+def test_rayservice_upgrade_strategy(rendered, crd_validators):
+    for overlay in OVERLAYS:  # no Gateway API assumed: the blue/green fallback
+        service = next(o for o in rendered[overlay] if o["kind"] == "RayService")
+        assert service["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    profile = dataclasses.replace(k8s.PROFILES["gpu"], gateway_class="istio")
+    recipe = load_recipe(PROJECT_ROOT / profile.recipe)
+    incremental = k8s.rayservice(recipe, profile)
+    incremental["metadata"]["namespace"] = "raylm"
+    assert incremental["spec"]["upgradeStrategy"]["type"] == "NewClusterWithIncrementalUpgrade"
+    assert not _crd_errors(incremental, crd_validators) and not kuberay_rules.kuberay_errors(incremental)
+    incremental["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] = False
+    incremental["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["stepSizePercent"] = 50  # > maxSurge 25
+    errors = "\n".join(kuberay_rules.kuberay_errors(incremental))
+    assert "autoscaler" in errors and "stepSizePercent (50) <= maxSurgePercent (25)" in errors
+
+
+def test_entrypoint_is_shell_quoted():
+    recipe = load_recipe(PROJECT_ROOT / "configs" / "tiny-cpu.yaml")
+    line = k8s.stage_entrypoint("configs/my recipe;rm -rf x.yaml", recipe, ["data"])
+    assert shlex.split(line)[-3] == f"{k8s.APP_DIR}/configs/my recipe;rm -rf x.yaml"
+
+
 # ---------------------------------------------------------------- core kinds and the security scan
 
 def _pod_templates(obj: dict) -> list[dict]:
     out = []
-    for _, spec in k8s.ray_cluster_specs(obj):
+    for _, spec in kuberay_rules.ray_cluster_specs(obj):
         out.append(spec["headGroupSpec"]["template"])
         out += [g["template"] for g in spec.get("workerGroupSpecs", [])]
+    if obj["kind"] == "RayJob":
+        out.append(obj["spec"]["submitterPodTemplate"])
     return out
 
 
@@ -247,13 +349,18 @@ def _lifted_pods(objs: list[dict]) -> list[dict]:
     """Pod templates inside KubeRay objects as Pods: the tools below know core kinds, not KubeRay's."""
     pods = []
     for obj in _kuberay(objs):
-        for where, spec in k8s.ray_cluster_specs(obj):
+        for where, spec in kuberay_rules.ray_cluster_specs(obj):
             groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
             for group, g in groups:
                 meta = copy.deepcopy(g["template"].get("metadata", {}))
                 meta.update(name=f"{obj['kind'].lower()}-{obj['metadata']['name']}-{group}",
                             namespace=obj["metadata"].get("namespace"))
                 pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": g["template"]["spec"]})
+        if obj["kind"] == "RayJob":
+            template = obj["spec"]["submitterPodTemplate"]
+            meta = {**copy.deepcopy(template["metadata"]), "name": f"rayjob-{obj['metadata']['name']}-submitter",
+                    "namespace": obj["metadata"].get("namespace")}
+            pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"]})
     return pods
 
 
