@@ -17,6 +17,7 @@ from cluster.recipe import DEFAULT_RECIPE, load_recipe, save_resolved
 from cluster.rundir import RunDir
 from cluster.runtime import init_ray, setup_logging
 from cluster.stage import StageContext, StageNotBuilt, Timer
+from cluster.upload import DEFAULT_LIMIT_MB
 
 log = logging.getLogger("raylm")
 
@@ -71,7 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a raylm command to a Ray cluster as a job (Ray Jobs API)")
     p.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for the job")
+    p.add_argument("--env", action="append", default=[], metavar="K[=V]",
+                   help="environment variable for the job; K alone: its value on this machine (repeatable)")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="environment variables for the job from a dotenv file here (repeatable)")
+    p.add_argument("--cluster-env", action="append", default=[], metavar="K[=NODE_VAR]",
+                   help="K takes NODE_VAR's (default K's) value from the cluster nodes' environment: secrets "
+                        "stay off the Jobs API (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be uploaded and run, contact no cluster")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_LIMIT_MB,
+                   help=f"refuse to upload a checkout larger than this (default {DEFAULT_LIMIT_MB})")
     p.add_argument("--entrypoint-num-cpus", type=float, default=None)
     p.add_argument("--entrypoint-num-gpus", type=float, default=None)
     p.add_argument("--python", help="the job's Python (default: this one on a local cluster, else `python`)")
