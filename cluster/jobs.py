@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from cluster.config import ConfigError
 from cluster.recipe import PROJECT_ROOT, load_recipe
+from cluster.rundir import check_local
 from cluster.runtime import project_runtime_env
 from cluster.upload import UploadError, UploadPlan, human_bytes, plan_upload
 
@@ -216,6 +217,8 @@ def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str]
     args = list(command_args)
     if hasattr(parsed, "run_dir"):  # a stage or `run`: it has a recipe and a run directory
         recipe = load_recipe(parsed.config, parsed.overrides)  # ConfigError here: nothing submitted
+        if parsed.run_dir:
+            check_local(parsed.run_dir)
         if not parsed.run_dir:
             # The job's cwd is a temporary copy of the project: pin the default run dir to where it would be here.
             args[1:1] = ["--run-dir", str(cwd / "runs" / recipe.name)]
