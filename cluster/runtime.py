@@ -84,15 +84,37 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
     else:
         num_cpus = cfg.num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray cluster (%d CPUs)", num_cpus)
-        local: dict = {"num_cpus": num_cpus, "_node_ip_address": "127.0.0.1",
+        local: dict = {"num_cpus": num_cpus,
                        "_system_config": {"num_workers_soft_limit": idle_worker_limit(num_cpus)}}
         if cfg.num_gpus is not None:
             local["num_gpus"] = cfg.num_gpus
         if cfg.object_store_memory_mb:
             local["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
         # address="local": never join a stale cluster left in /tmp/ray by a killed run.
-        ray.init(address="local", runtime_env=project_runtime_env(), **kwargs, **local)
+        with node_ip_on_loopback():
+            ray.init(address="local", runtime_env=project_runtime_env(), **kwargs, **local)
     return ray
+
+
+@contextmanager
+def node_ip_on_loopback():
+    """Start a local cluster whose every process listens on 127.0.0.1 only.
+
+    Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the machine's routable address
+    (``services.resolve_ip_for_localhost``), and the GCS, raylet, workers and agents bind to that node address:
+    measured with ``ss -ltnp``, 11 of 13 listening sockets were on the network. Ray keeps single-machine
+    clusters on loopback where it disables multi-node clusters (macOS/Windows, switch
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``); that switch is read once, when ray is imported, so its constant is
+    set here for the start-up. With it: 10 of 10 on loopback (tests/test_runtime.py checks every one).
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def idle_worker_limit(num_cpus: int) -> int:

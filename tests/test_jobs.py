@@ -232,7 +232,8 @@ def head():
     gcs, dash, client, agent, agent_grpc, metrics, rt_env = _free_ports(7)
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
-           "RAYLM_TEST_NODE_SECRET": "node-only-value"}  # as a Kubernetes Secret in the pods' env would be
+           "RAYLM_TEST_NODE_SECRET": "node-only-value",  # as a Kubernetes Secret in the pods' env would be
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # else --node-ip-address 127.0.0.1 becomes the network address
     env.pop("RAY_ADDRESS", None)
     cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
