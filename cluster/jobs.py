@@ -21,6 +21,7 @@ from collections.abc import Collection
 from pathlib import Path
 from urllib.parse import urlparse
 
+from cluster.commands import PATH_FLAGS, build_parser
 from cluster.config import ConfigError
 from cluster.recipe import PROJECT_ROOT, load_recipe
 from cluster.rundir import check_local
@@ -28,8 +29,6 @@ from cluster.runtime import project_runtime_env
 from cluster.upload import UploadError, UploadPlan, human_bytes, plan_upload
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-# Flags of raylm's stage commands whose values are paths (see cluster/cli.py).
-PATH_FLAGS = ("-c", "--config", "--run-dir", "--input", "--data", "--model", "--out")
 # Commands that cannot run inside a job: they would submit again.
 NOT_SUBMITTABLE = ("submit", "jobs")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -197,8 +196,6 @@ def strip_prefix(command_args: list[str]) -> list[str]:
 
 def check_command(command_args: list[str]) -> argparse.Namespace:
     """Parse the command with raylm's own parser, so a typo fails here and not minutes later on the cluster."""
-    from cluster.cli import build_parser
-
     command_args = strip_prefix(command_args)
     if not command_args:
         raise JobsError("submit: nothing to run; usage: raylm submit [--address URL] -- data -c configs/x.yaml")
