@@ -246,7 +246,7 @@ def head():
     address = f"http://127.0.0.1:{dash}"
     try:
         _wait_dashboard(address, token, proc)
-        yield {"address": address, "token": token, "temp_dir": temp_dir}
+        yield {"address": address, "token": token, "temp_dir": temp_dir, "gcs": f"127.0.0.1:{gcs}"}
     finally:
         proc.send_signal(signal.SIGTERM)  # --block: ray start shuts its node down on SIGTERM
         try:
@@ -313,6 +313,25 @@ def test_cluster_env_reference_resolves_on_the_node_and_only_the_reference_is_st
     wait_for(lambda: str(client.get_job_status(job_id)) in ("SUCCEEDED", "FAILED"), 120, "the job to end")
     assert "got node-only-value" in client.get_job_logs(job_id)
     assert client.get_job_info(job_id).runtime_env["env_vars"] == {"MY_SECRET": "${RAYLM_TEST_NODE_SECRET}"}
+
+
+@pytest.mark.ray
+def test_driver_joining_a_cluster_ships_the_same_zip(head):
+    """`raylm <stage> --address HEAD:6379` from outside a job: init_ray uploads the checkout as cluster/upload
+    lists it (a subprocess: this process may hold the session cluster)."""
+    code = (f"import ray; from cluster.runtime import init_ray; init_ray(address={head['gcs']!r}); "
+            "print('WD', ray.get_runtime_context().runtime_env['working_dir']); "
+            "print('CWD', ray.get(ray.remote(lambda: __import__('os').getcwd()).remote()))")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head["token"],
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the head is on loopback: so must the driver's node be
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                         timeout=180, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "WD gcs://_ray_pkg_" in res.stdout
+    cwd = Path(res.stdout.split("CWD ")[1].strip())
+    assert (cwd / "cluster" / "upload.py").is_file()  # the task runs in the unpacked zip
+    assert not (cwd / ".git").exists() and not (cwd / "runs").exists()
 
 
 @pytest.mark.ray
