@@ -12,23 +12,16 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.commands import STAGE_ENTRYPOINTS, build_parser
 from cluster.config import ConfigError
-from cluster.recipe import DEFAULT_RECIPE, load_recipe, save_resolved
+from cluster.recipe import load_recipe, save_resolved
 from cluster.rundir import RunDir
 from cluster.runtime import init_ray, setup_logging
 from cluster.stage import StageContext, StageNotBuilt, Timer
 
-log = logging.getLogger("raylm")
+__all__ = ["STAGE_ENTRYPOINTS", "build_parser", "main"]
 
-# stage -> (module:function, help). Each function takes a StageContext and returns a summary dict.
-STAGE_ENTRYPOINTS = {
-    "data": ("pipelines.data.stage:run", "stream, clean, filter, dedupe, tokenize and pack the corpus"),
-    "pretrain": ("pipelines.pretrain.stage:run", "pretrain the model with Ray Train + DeepSpeed"),
-    "sft": ("pipelines.sft.stage:run", "supervised fine-tuning on chat data"),
-    "reward": ("pipelines.reward.stage:run", "train the pairwise reward model"),
-    "ppo": ("actors.ppo.stage:run", "PPO/GRPO with policy, critic, reward and reference Ray actors"),
-    "serve": ("serve.stage:run", "serve the model: OpenAI-compatible API + Gradio chat demo"),
-}
+log = logging.getLogger("raylm")
 
 # Stage flags that are shorthands for recipe keys, so the resolved config records them.
 FLAG_OVERRIDES = {
@@ -38,55 +31,6 @@ FLAG_OVERRIDES = {
     "host": "serve.host",
     "port": "serve.port",
 }
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=str(DEFAULT_RECIPE), metavar="RECIPE",
-                   help="YAML recipe (default: configs/tiny-cpu.yaml)")
-    p.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/<recipe name>)")
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides, e.g. pretrain.zero_stage=3")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raylm", description="raylm: a raw corpus to a served chat model, on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("run", help="run the whole pipeline (or --stages) and leave the chat demo up")
-    _common(p)
-    p.add_argument("--stages", default=",".join(STAGE_ENTRYPOINTS), help="comma-separated stages to run, in order")
-    p.add_argument("--no-block", action="store_true", help="with serve: return once the app is up")
-    for stage, (_, text) in STAGE_ENTRYPOINTS.items():
-        p = sub.add_parser(stage, help=text, description=text)
-        _common(p)
-        if stage == "data":
-            p.add_argument("--input", action="append", metavar="PATH", help="corpus file/dir/URI (repeatable)")
-        if stage in ("sft", "reward", "ppo"):
-            p.add_argument("--data", metavar="PATH", help="replaces the stage's built-in data")
-        if stage == "serve":
-            p.add_argument("--model", help="HF model dir (default: the run's latest trained model)")
-            p.add_argument("--host")
-            p.add_argument("--port", type=int)
-            p.add_argument("--no-block", action="store_true", help="return once the app is up")
-    p = sub.add_parser("submit", help="submit a raylm command to a Ray cluster as a job (Ray Jobs API)")
-    p.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for the job")
-    p.add_argument("--entrypoint-num-cpus", type=float, default=None)
-    p.add_argument("--entrypoint-num-gpus", type=float, default=None)
-    p.add_argument("--python", help="the job's Python (default: this one on a local cluster, else `python`)")
-    p.add_argument("--pip", action="append", metavar="REQ", help="extra pip requirement for the job (repeatable)")
-    p.add_argument("--no-working-dir", action="store_true", help="don't upload this checkout (image has it)")
-    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="raylm command and args")
-    p = sub.add_parser("k8s", help="render the KubeRay manifests (k8s/overlays/*/generated) from the recipes")
-    from cluster.k8s import add_arguments as add_k8s_arguments
-    add_k8s_arguments(p)
-    p = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
-    p.add_argument("action", choices=["list", "status", "logs", "stop"])
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS)")
-    p.add_argument("--follow", action="store_true", help="with logs: follow until the job ends")
-    return parser
 
 
 def _stage_overrides(args: argparse.Namespace, stage: str) -> list[str]:

@@ -9,25 +9,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
+import re
 import shlex
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from urllib.parse import urlparse
 
+from cluster.commands import PATH_FLAGS, build_parser
 from cluster.config import ConfigError
 from cluster.recipe import PROJECT_ROOT, load_recipe
-from cluster.runtime import WORKING_DIR_EXCLUDES, project_runtime_env
+from cluster.rundir import check_local
+from cluster.runtime import project_runtime_env
+from cluster.upload import UploadError, UploadPlan, human_bytes, plan_upload
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-# Flags of raylm's stage commands whose values are paths (see cluster/cli.py).
-PATH_FLAGS = ("-c", "--config", "--run-dir", "--input", "--data", "--model", "--out")
 # Commands that cannot run inside a job: they would submit again.
 NOT_SUBMITTABLE = ("submit", "jobs")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+CLUSTER_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+SECRETISH = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
 class JobsError(RuntimeError):
@@ -49,7 +56,22 @@ def dashboard_address(explicit: str | None, env: dict | None = None) -> str:
 
 
 def is_loopback(address: str) -> bool:
-    return (urlparse(address).hostname or "") in LOOPBACK
+    host = urlparse(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it resolves elsewhere for all we know
+        return False
+
+
+def plain_http_warning(address: str) -> str | None:
+    """The token is a bearer credential: over http to another machine anyone on the path can read it."""
+    if urlparse(address).scheme == "http" and not is_loopback(address):
+        return (f"warning: the Ray auth token goes to {address} over plain http: anyone on the network path can "
+                f"read it and run code on the cluster; use https (an ingress with TLS) or a port-forward/SSH "
+                f"tunnel to 127.0.0.1")
+    return None
 
 
 def auth_headers(env: dict | None = None, home: Path | None = None) -> dict[str, str]:
@@ -73,28 +95,30 @@ def auth_headers(env: dict | None = None, home: Path | None = None) -> dict[str,
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _shipped(path: Path, project_root: Path) -> bool:
-    """True when ``path`` lies in the project and is uploaded with the working_dir (not excluded)."""
+def _shipped(path: Path, project_root: Path, shipped: Collection[str] | None) -> bool:
+    """True when ``path`` is uploaded with the working_dir: a shipped file or a folder holding one.
+    ``shipped=None``: the project is not uploaded (the image holds it), so any path inside it counts."""
     try:
-        rel = path.relative_to(project_root)
+        rel = path.relative_to(project_root).as_posix()
     except ValueError:
         return False
-    first = rel.parts[0] + "/" if rel.parts else ""
-    excluded_dirs = {e for e in WORKING_DIR_EXCLUDES if e.endswith("/") and "*" not in e}
-    return bool(rel.parts) and first not in excluded_dirs
+    if shipped is None:
+        return rel != "."
+    return rel in shipped or any(f.startswith(rel + "/") for f in shipped)
 
 
-def portable_path(value: str, cwd: Path, project_root: Path) -> str:
+def portable_path(value: str, cwd: Path, project_root: Path, shipped: Collection[str] | None = None) -> str:
     """A path as the job must see it: relative inside the shipped project, else absolute; URIs unchanged."""
     if "://" in value:
         return value
     path = (cwd / value).resolve() if not os.path.isabs(value) else Path(value)
-    if _shipped(path, project_root):
+    if _shipped(path, project_root, shipped):
         return str(path.relative_to(project_root))
     return str(path)
 
 
-def portable_args(args: list[str], cwd: Path, project_root: Path = PROJECT_ROOT) -> list[str]:
+def portable_args(args: list[str], cwd: Path, project_root: Path = PROJECT_ROOT,
+                  shipped: Collection[str] | None = None) -> list[str]:
     """Rewrite the values of path flags (``--config x`` and ``--config=x``) with ``portable_path``."""
     out: list[str] = []
     i = 0
@@ -102,9 +126,9 @@ def portable_args(args: list[str], cwd: Path, project_root: Path = PROJECT_ROOT)
         arg = args[i]
         flag, eq, value = arg.partition("=")
         if eq and flag in PATH_FLAGS:
-            out.append(f"{flag}={portable_path(value, cwd, project_root)}")
+            out.append(f"{flag}={portable_path(value, cwd, project_root, shipped)}")
         elif arg in PATH_FLAGS and i + 1 < len(args):
-            out += [arg, portable_path(args[i + 1], cwd, project_root)]
+            out += [arg, portable_path(args[i + 1], cwd, project_root, shipped)]
             i += 1
         else:
             out.append(arg)
@@ -117,14 +141,46 @@ def build_entrypoint(python: str, command_args: list[str]) -> str:
     return shlex.join([python, "-m", "cluster.cli", *command_args])
 
 
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
+def _env_name(name: str, flag: str) -> str:
+    if not ENV_NAME.fullmatch(name):
+        raise JobsError(f"{flag} {name!r}: not an environment variable name")
+    return name
+
+
+def parse_env(pairs: list[str], env_files: list[str] = (), cluster_refs: list[str] = (),
+              local: dict | None = None) -> dict[str, str]:
+    """The job's environment variables, later sources winning: ``--env-file FILE`` (dotenv syntax), ``--env
+    K=V``, ``--env K`` (K's value on this machine, as ``docker run -e K``), ``--cluster-env K[=NODE_VAR]``
+    (the reference ``${NODE_VAR}``: Ray resolves it on each node from that node's environment)."""
+    from dotenv import dotenv_values
+
+    local = os.environ if local is None else local
+    env: dict[str, str] = {}
+    for name in env_files:
+        path = Path(name)
+        if not path.is_file():
+            raise JobsError(f"--env-file {name}: no such file")
+        for key, value in dotenv_values(path, interpolate=False).items():
+            if value is None:
+                raise JobsError(f"--env-file {name}: {key} has no value (write {key}=VALUE)")
+            env[_env_name(key, f"--env-file {name}:")] = value
     for pair in pairs:
         key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise JobsError(f"--env {pair!r}: expected KEY=VALUE")
+        _env_name(key, "--env")
+        if not eq:
+            if key not in local:
+                raise JobsError(f"--env {key}: not set on this machine; give --env {key}=VALUE")
+            value = local[key]
         env[key] = value
+    for ref in cluster_refs:
+        key, _, node_var = ref.partition("=")
+        env[_env_name(key, "--cluster-env")] = "${" + _env_name(node_var or key, "--cluster-env") + "}"
     return env
+
+
+def exposed_secrets(env: dict[str, str]) -> list[str]:
+    """Names that look like secrets whose values (not a cluster reference) travel in the Jobs API."""
+    return [k for k, v in env.items() if SECRETISH.search(k) and not CLUSTER_REF.fullmatch(v)]
 
 
 # ---------------------------------------------------------------- preparing a submission
@@ -140,8 +196,6 @@ def strip_prefix(command_args: list[str]) -> list[str]:
 
 def check_command(command_args: list[str]) -> argparse.Namespace:
     """Parse the command with raylm's own parser, so a typo fails here and not minutes later on the cluster."""
-    from cluster.cli import build_parser
-
     command_args = strip_prefix(command_args)
     if not command_args:
         raise JobsError("submit: nothing to run; usage: raylm submit [--address URL] -- data -c configs/x.yaml")
@@ -153,40 +207,30 @@ def check_command(command_args: list[str]) -> argparse.Namespace:
         raise JobsError(f"submit: not a valid raylm command: {shlex.join(command_args)}") from None
 
 
-def prepare_command(command_args: list[str], cwd: Path) -> list[str]:
+def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str] | None = None) -> list[str]:
     """Validate the command (and its recipe) locally, pin the run dir, make paths portable."""
     command_args = strip_prefix(command_args)
     parsed = check_command(command_args)
     args = list(command_args)
     if hasattr(parsed, "run_dir"):  # a stage or `run`: it has a recipe and a run directory
         recipe = load_recipe(parsed.config, parsed.overrides)  # ConfigError here: nothing submitted
+        if parsed.run_dir:
+            check_local(parsed.run_dir)
         if not parsed.run_dir:
             # The job's cwd is a temporary copy of the project: pin the default run dir to where it would be here.
             args[1:1] = ["--run-dir", str(cwd / "runs" / recipe.name)]
-    return portable_args(args, cwd)
+    return portable_args(args, cwd, shipped=shipped)
 
 
-def local_excludes(project_root: Path = PROJECT_ROOT) -> list[str]:
-    """Patterns of ``.git/info/exclude``: Ray's upload honours .gitignore files but not this one, and local
-    tools keep large untracked folders there."""
-    path = project_root / ".git" / "info" / "exclude"
-    if not path.is_file():
-        return []
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-    return [line for line in lines if line and not line.startswith(("#", "!"))]
-
-
-def runtime_env(extra_env: dict[str, str], pip: list[str], ship_project: bool) -> dict:
-    """The job's runtime_env: the project and the user's --env. Not our worker env vars: the job's driver
-    (`init_ray`) adds those itself, and Ray refuses a driver runtime_env that repeats a job's env var key."""
-    env = project_runtime_env(carry_project=ship_project)
+def runtime_env(extra_env: dict[str, str], pip: list[str], working_dir: str | None) -> dict:
+    """The job's runtime_env: the project's zip and the user's env vars. Not our worker env vars: the job's
+    driver (`init_ray`) adds those itself, and Ray refuses a driver runtime_env that repeats a job's key."""
+    env = project_runtime_env(working_dir)
     reserved = set(env.pop("env_vars")) | {"TORCH_EXTENSIONS_DIR"}
     clash = sorted(reserved & set(extra_env))
     if clash:
         raise JobsError(f"--env {clash[0]}: raylm sets it for the job's workers itself; set it on the cluster's "
                         f"nodes instead")
-    if ship_project:
-        env["excludes"] = env["excludes"] + [e for e in local_excludes() if e not in env["excludes"]]
     if extra_env:
         env["env_vars"] = dict(extra_env)
     if pip:
@@ -194,13 +238,31 @@ def runtime_env(extra_env: dict[str, str], pip: list[str], ship_project: bool) -
     return env
 
 
+def describe_env(env: dict[str, str]) -> str:
+    """Names only, never values: cluster references are shown, since they hold no secret."""
+    return ", ".join(f"{k}={v}" if CLUSTER_REF.fullmatch(v) else k for k, v in env.items()) or "-"
+
+
+def print_plan(plan: UploadPlan, out=None) -> None:
+    out = out or sys.stdout
+    for rel, size in plan.files:
+        out.write(f"{human_bytes(size):>10}  {rel}\n")
+    for rel, why in plan.withheld:
+        out.write(f"{'withheld':>10}  {rel}  ({why})\n")
+    out.write(f"would upload {plan.summary()}; {len(plan.withheld)} withheld\n")
+
+
 # ---------------------------------------------------------------- talking to the cluster
 
 def connect(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    headers = auth_headers()
+    warning = plain_http_warning(address)
+    if headers and warning:
+        print(f"raylm: {warning}", file=sys.stderr)
     try:
-        return JobSubmissionClient(address, headers=auth_headers())
+        return JobSubmissionClient(address, headers=headers)
     except ConnectionError:
         raise JobsError(f"cannot reach the Ray dashboard at {address}: is the cluster up (`ray start --head`, or "
                         f"a port-forward to the head's port 8265)? Pass --address or set RAY_ADDRESS.") from None
@@ -254,23 +316,53 @@ def report_end(client, job_id: str) -> int:
     return 0
 
 
+def _upload_plan(ship_project: bool) -> UploadPlan | None:
+    if ship_project:
+        return plan_upload(PROJECT_ROOT)
+    try:  # nothing is uploaded; the listing only tells which project paths the image holds
+        return plan_upload(PROJECT_ROOT)
+    except UploadError:
+        return None
+
+
 def submit_command(args: argparse.Namespace) -> int:
     address = DEFAULT_DASHBOARD
     try:
-        command = prepare_command(list(args.command_args), Path.cwd())
+        ship_project = not args.no_working_dir
+        plan = _upload_plan(ship_project)
+        shipped = {rel for rel, _ in plan.files} if plan else None
+        command = prepare_command(list(args.command_args), Path.cwd(), shipped)
         address = dashboard_address(args.address)
-        python = getattr(args, "python", None) or (sys.executable if is_loopback(address) else "python")
-        env = runtime_env(parse_env(args.env), getattr(args, "pip", None) or [],
-                          ship_project=not getattr(args, "no_working_dir", False))
+        python = args.python or (sys.executable if is_loopback(address) else "python")
+        extra_env = parse_env(args.env, args.env_file, args.cluster_env)
+        exposed = exposed_secrets(extra_env)
+        if exposed:
+            print(f"raylm: warning: {', '.join(exposed)}: the value is stored in the job's runtime_env, readable by "
+                  f"anyone who can read the Jobs API; --cluster-env NAME takes it from the cluster's nodes instead",
+                  file=sys.stderr)
+        if ship_project:
+            print(f"raylm: uploading {plan.summary()} ({len(plan.withheld)} withheld)", file=sys.stderr)
+            plan.check_limit(args.max_upload_mb)
+        entrypoint = build_entrypoint(python, command)
+        if args.dry_run:
+            if plain_http_warning(address):
+                print(f"raylm: {plain_http_warning(address)} (when the cluster uses token auth)", file=sys.stderr)
+            if ship_project:
+                print_plan(plan)
+            print(f"entrypoint: {entrypoint}\nenv: {describe_env(extra_env)}\naddress: {address} (not contacted)")
+            return 0
         client = connect(address)
-        job_id = client.submit_job(
-            entrypoint=build_entrypoint(python, command),
-            submission_id=f"raylm-{command[0]}-{uuid.uuid4().hex[:8]}",
-            runtime_env=env,
-            entrypoint_num_cpus=args.entrypoint_num_cpus,
-            entrypoint_num_gpus=args.entrypoint_num_gpus,
-            metadata={"raylm_command": shlex.join(command)[:1000]},
-        )
+        with tempfile.TemporaryDirectory(prefix="raylm-upload-") as tmp:
+            # Ray uploads the zip during submit_job (content-addressed: unchanged code is not sent again).
+            zip_path = str(plan.write_zip(Path(tmp) / "raylm-project.zip")) if ship_project else None
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=f"raylm-{command[0]}-{uuid.uuid4().hex[:8]}",
+                runtime_env=runtime_env(extra_env, args.pip or [], zip_path),
+                entrypoint_num_cpus=args.entrypoint_num_cpus,
+                entrypoint_num_gpus=args.entrypoint_num_gpus,
+                metadata={"raylm_command": shlex.join(command)[:1000]},
+            )
         print(job_id, flush=True)
         print(f"raylm: submitted {job_id} to {address}: raylm {shlex.join(command)}", file=sys.stderr)
         if args.no_wait:
@@ -286,7 +378,7 @@ def submit_command(args: argparse.Namespace) -> int:
         print(f"raylm: config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        err = exc if isinstance(exc, JobsError) else cluster_error(exc, address)
+        err = exc if isinstance(exc, (JobsError, UploadError)) else cluster_error(exc, address)
         if err is None:
             raise
         print(f"raylm: {err}", file=sys.stderr)

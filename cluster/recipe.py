@@ -40,8 +40,10 @@ class Recipe:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name: must be a non-empty name without '/', got {self.name!r}")
+        # The name is a directory (runs/<name>): it must not climb out of runs/ or nest.
+        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"name: must be a plain folder name (not '.' or '..', no '/', '\\' or NUL), "
+                             f"got {self.name!r}")
         if self.data.tokenize.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.tokenize.seq_len: {self.data.tokenize.seq_len} exceeds "
                              f"model.max_seq_len={self.model.max_seq_len}")

@@ -3,13 +3,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.config import ConfigError
+
 STAGES = ("data", "pretrain", "sft", "reward", "ppo", "serve")
 MODEL_STAGES = ("ppo", "sft", "pretrain")  # newest first: which trained model a later step should pick up
+
+
+# "s3://b/x", and "s3:/b/x" (what pathlib makes of it): any scheme, so nothing becomes a local folder "s3:".
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+def check_local(path: str | Path) -> None:
+    """Run directories are local or shared-filesystem paths: every stage reads and writes them with plain file
+    I/O, so an object-store URI would silently become a local folder named after its scheme."""
+    if _URI.match(str(path)):
+        raise ConfigError(f"--run-dir {path}: run directories on object storage are not supported; use a "
+                          f"filesystem path every node can reach (NFS, a ReadWriteMany volume, or the bucket "
+                          f"mounted with s3fs/gcsfuse). Inputs (--input) may be s3:// or gs:// URIs.")
 
 
 @dataclass(frozen=True)
@@ -18,6 +34,7 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | Path) -> RunDir:
+        check_local(path)
         root = Path(path).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.recipe import PROJECT_ROOT, RayConfig
+from cluster.upload import DEFAULT_LIMIT_MB, plan_upload
 
 log = logging.getLogger("raylm")
-
-# Never shipped with the project to a remote cluster: run outputs, virtualenvs, caches, VCS.
-WORKING_DIR_EXCLUDES = [
-    "runs/", ".venv/", "venv/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/",
-    "*.egg-info/", "build/", "dist/", ".cache/", "test-artifacts/",
-]
 
 # Environment every Ray worker of ours gets: no tokenizer thread pools inside already-parallel workers (they
 # oversubscribe small machines and warn after fork), and no per-step torch FutureWarnings from ZeRO collectives.
@@ -40,16 +37,25 @@ def setup_logging(level: int = logging.INFO) -> None:
     _logging_done = True
 
 
-def project_runtime_env(carry_project: bool) -> dict:
-    """runtime_env for our workers; ``carry_project`` uploads this checkout (for clusters on other machines)."""
+def project_runtime_env(working_dir: str | None = None) -> dict:
+    """runtime_env for our workers; ``working_dir``: the checkout's zip (``cluster.upload``) for clusters on
+    other machines."""
     env: dict = {"env_vars": dict(WORKER_ENV)}
     ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR")
     if ext_dir:
         env["env_vars"]["TORCH_EXTENSIONS_DIR"] = ext_dir
-    if carry_project:
-        env["working_dir"] = str(PROJECT_ROOT)
-        env["excludes"] = list(WORKING_DIR_EXCLUDES)
+    if working_dir:
+        env["working_dir"] = working_dir
     return env
+
+
+@contextmanager
+def shipped_project(limit_mb: float = DEFAULT_LIMIT_MB):
+    """The checkout as a zip for the duration of an upload (see cluster/upload.py for what it holds)."""
+    plan = plan_upload(PROJECT_ROOT)
+    plan.check_limit(limit_mb)
+    with tempfile.TemporaryDirectory(prefix="raylm-upload-") as tmp:
+        yield plan, str(plan.write_zip(Path(tmp) / "raylm-project.zip"))
 
 
 def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bool = True):
@@ -69,19 +75,46 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
         # A job submitted with `raylm submit` already runs inside the cluster with the project on its path.
         inside_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=project_runtime_env(carry_project=not inside_job), **kwargs)
+        if inside_job:
+            ray.init(address=address, runtime_env=project_runtime_env(), **kwargs)
+        else:
+            with shipped_project() as (plan, zip_path):
+                log.info("shipping this checkout to the cluster: %s", plan.summary())
+                ray.init(address=address, runtime_env=project_runtime_env(zip_path), **kwargs)
     else:
         num_cpus = cfg.num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray cluster (%d CPUs)", num_cpus)
-        local: dict = {"num_cpus": num_cpus, "_node_ip_address": "127.0.0.1",
+        local: dict = {"num_cpus": num_cpus,
                        "_system_config": {"num_workers_soft_limit": idle_worker_limit(num_cpus)}}
         if cfg.num_gpus is not None:
             local["num_gpus"] = cfg.num_gpus
         if cfg.object_store_memory_mb:
             local["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
         # address="local": never join a stale cluster left in /tmp/ray by a killed run.
-        ray.init(address="local", runtime_env=project_runtime_env(carry_project=False), **kwargs, **local)
+        with node_ip_on_loopback():
+            ray.init(address="local", runtime_env=project_runtime_env(), **kwargs, **local)
     return ray
+
+
+@contextmanager
+def node_ip_on_loopback():
+    """Start a local cluster whose every process listens on 127.0.0.1 only.
+
+    Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the machine's routable address
+    (``services.resolve_ip_for_localhost``), and the GCS, raylet, workers and agents bind to that node address:
+    measured with ``ss -ltnp``, 11 of 13 listening sockets were on the network. Ray keeps single-machine
+    clusters on loopback where it disables multi-node clusters (macOS/Windows, switch
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``); that switch is read once, when ray is imported, so its constant is
+    set here for the start-up. With it: 10 of 10 on loopback (tests/test_runtime.py checks every one).
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def idle_worker_limit(num_cpus: int) -> int:

@@ -42,6 +42,13 @@ def test_bad_values_name_the_key(override, key):
     assert "tiny-cpu.yaml" in str(err.value)
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/b", "..\\x", ""])
+def test_recipe_name_that_is_not_a_plain_folder_name_is_refused(name):
+    with pytest.raises(ConfigError, match=r"tiny-cpu.yaml: name: must be a plain folder name"):
+        load_recipe(CONFIGS / "tiny-cpu.yaml", [f"name={name!r}"])
+    assert load_recipe(CONFIGS / "tiny-cpu.yaml", ["name=my.run-2"]).name == "my.run-2"
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\npretrain:\n  zero_stag: 2\n")

@@ -85,6 +85,17 @@ def test_bad_file_fails_with_its_name_or_is_recorded(tmp_path):
     assert [r["text"] for r in rows] == ["good", ""] and "record 1" in rows[1]["read_error"]
 
 
+@pytest.mark.parametrize("name, encode", [("big.txt", lambda b: b), ("bomb.txt.gz", gzip.compress)])
+def test_text_file_over_the_cap_fails_with_its_name(tmp_path, name, encode):
+    path = tmp_path / name
+    path.write_bytes(encode(b"word " * 60_000))  # 300,000 bytes once decompressed; the .gz is ~1 KB
+    batch = {"path": [str(path)], "kind": ["text"], "root": [""]}
+    with pytest.raises(CorpusReadError, match=rf"{name}: ValueError: more than 0.25 MiB of text in one file "
+                                              r"\(data.max_text_file_mb"):
+        list(read_files_batch(batch, DataConfig(max_text_file_mb=0.25)))
+    assert len(_read(path, DataConfig(max_text_file_mb=0.3))[0]["text"]) == 300_000
+
+
 SOURCE = '''"""Module doc."""
 import os
 

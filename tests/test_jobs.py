@@ -16,11 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
+from polling import wait_for
 
 from cluster.config import ConfigError
 from cluster.jobs import (
@@ -29,11 +31,15 @@ from cluster.jobs import (
     build_entrypoint,
     check_command,
     dashboard_address,
+    exposed_secrets,
+    parse_env,
+    plain_http_warning,
     portable_args,
     prepare_command,
     runtime_env,
 )
 from cluster.recipe import PROJECT_ROOT
+from cluster.upload import UploadError, plan_upload
 
 RAY = Path(sys.executable).with_name("ray")
 DATA_STAGE = PROJECT_ROOT / "pipelines" / "data" / "stage.py"
@@ -65,8 +71,8 @@ def test_paths_become_portable(tmp_path):
     (root / "configs").mkdir(parents=True)
     args = ["data", "-c", "configs/x.yaml", "--run-dir", "runs/a", "--input=../corpus", "--input", "s3://b/c",
             "data.num_blocks=2"]
-    out = portable_args(args, cwd=root, project_root=root)
-    # shipped with the working_dir: stays relative; runs/ is excluded from it and outside paths: absolute
+    out = portable_args(args, cwd=root, project_root=root, shipped={"configs/x.yaml", "pipelines/a.py"})
+    # shipped with the working_dir: stays relative; runs/ is not shipped and outside paths: absolute
     assert out == ["data", "-c", "configs/x.yaml", "--run-dir", str(root / "runs/a"),
                    f"--input={tmp_path / 'corpus'}", "--input", "s3://b/c", "data.num_blocks=2"]
 
@@ -85,13 +91,90 @@ def test_command_is_checked_before_submitting(tmp_path):
 
 
 def test_job_runtime_env_ships_the_project_without_clashing_env_vars():
-    env = runtime_env({"HF_HOME": "/mnt/hf"}, ["rich"], ship_project=True)
-    assert env["working_dir"] == str(PROJECT_ROOT) and "runs/" in env["excludes"] and ".venv/" in env["excludes"]
-    assert env["env_vars"] == {"HF_HOME": "/mnt/hf"} and env["pip"] == ["rich"]
+    env = runtime_env({"HF_HOME": "/mnt/hf"}, ["rich"], working_dir="/tmp/p.zip")
+    assert env == {"working_dir": "/tmp/p.zip", "env_vars": {"HF_HOME": "/mnt/hf"}, "pip": ["rich"]}
     # the job's driver (init_ray) sets these for its workers; Ray refuses the same key twice
     with pytest.raises(JobsError, match="--env TOKENIZERS_PARALLELISM"):
-        runtime_env({"TOKENIZERS_PARALLELISM": "true"}, [], ship_project=True)
-    assert "working_dir" not in runtime_env({}, [], ship_project=False)
+        runtime_env({"TOKENIZERS_PARALLELISM": "true"}, [], working_dir=None)
+    assert "working_dir" not in runtime_env({}, [], working_dir=None)
+
+
+def test_env_from_files_this_machine_and_cluster_references(tmp_path):
+    env_file = tmp_path / "job.env"
+    env_file.write_text("# comment\nexport HF_HOME=/mnt/hf\nWANDB_API_KEY='s3cr$t'\nMODE=a\n")
+    env = parse_env(["MODE=b", "LOCAL_ONLY"], [str(env_file)], ["HF_TOKEN", "DB_PASSWORD=PG_PASS"],
+                    local={"LOCAL_ONLY": "here"})
+    assert env == {"HF_HOME": "/mnt/hf", "WANDB_API_KEY": "s3cr$t", "MODE": "b", "LOCAL_ONLY": "here",
+                   "HF_TOKEN": "${HF_TOKEN}", "DB_PASSWORD": "${PG_PASS}"}
+    assert exposed_secrets(env) == ["WANDB_API_KEY"]  # references hold no secret
+    with pytest.raises(JobsError, match="--env NOT_SET: not set on this machine"):
+        parse_env(["NOT_SET"], local={})
+    with pytest.raises(JobsError, match="--env-file .*missing.env: no such file"):
+        parse_env([], [str(tmp_path / "missing.env")])
+    with pytest.raises(JobsError, match="--cluster-env 'A-B'"):
+        parse_env([], [], ["A-B"])
+
+
+def test_token_over_plain_http_to_another_host_warns():
+    assert plain_http_warning("http://127.0.0.1:8265") is None
+    assert plain_http_warning("http://localhost:8265") is None
+    assert plain_http_warning("https://head.example:443") is None
+    assert "plain http" in plain_http_warning("http://10.0.0.5:8265")
+
+
+def _checkout_with_secrets(root: Path) -> Path:
+    """A git checkout of raylm's cluster/ and configs/ holding secrets and ignored files beside the code."""
+    for part in ("cluster", "configs"):
+        shutil.copytree(PROJECT_ROOT / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".gitignore").write_text("runs/\n*.log\n")
+    (root / ".env").write_text("HF_TOKEN=hf_leak\n")
+    (root / "configs" / ".env.prod").write_text("DB_PASSWORD=leak\n")
+    (root / "deploy.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (root / ".aws").mkdir()
+    (root / ".aws" / "config").write_text("[default]\n")
+    (root / "runs" / "x").mkdir(parents=True)
+    (root / "runs" / "x" / "model.bin").write_bytes(b"0" * 1000)
+    (root / "train.log").write_text("ignored\n")
+    (root / "scratch.txt").write_text("in .git/info/exclude\n")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / ".git" / "info" / "exclude").write_text("scratch.txt\n")
+    # even a tracked secret stays here
+    subprocess.run(["git", "-C", str(root), "add", "-f", "cluster", ".env", ".gitignore"], check=True)
+    return root
+
+
+def test_submit_dry_run_lists_the_upload_without_secrets_or_ignored_files(tmp_path):
+    root = _checkout_with_secrets(tmp_path / "proj")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    res = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", "--dry-run", "--address", "http://10.9.9.9:1",
+                          "--", "k8s", "render", "-c", "configs/tiny-cpu.yaml", "--out", "rendered.yaml"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    listed = {line.split()[-1] for line in res.stdout.splitlines() if line.strip().endswith((".py", ".yaml"))}
+    assert "cluster/cli.py" in listed and "configs/tiny-cpu.yaml" in listed  # tracked and untracked code
+    uploaded = [line.split()[-1] for line in res.stdout.splitlines() if "B  " in line]
+    for leak in (".env", "configs/.env.prod", "deploy.key", ".aws/config", "runs/x/model.bin", "train.log",
+                 "scratch.txt"):
+        assert leak not in uploaded, leak
+    for withheld in (".env", "configs/.env.prod", "deploy.key", ".aws/config"):
+        assert f"withheld  {withheld}  (" in res.stdout
+    assert "hf_leak" not in res.stdout + res.stderr
+    assert "entrypoint: python -m cluster.cli k8s render -c configs/tiny-cpu.yaml --out " in res.stdout
+    assert "plain http" in res.stderr  # a non-loopback http address, though nothing was contacted
+    # the zip holds exactly the listed files
+    plan = plan_upload(root)
+    with zipfile.ZipFile(plan.write_zip(tmp_path / "p.zip")) as zf:
+        assert sorted(zf.namelist()) == sorted(uploaded) == [rel for rel, _ in plan.files]
+
+
+def test_upload_over_the_limit_names_the_biggest_files(tmp_path):
+    root = _checkout_with_secrets(tmp_path / "proj")
+    (root / "corpus.jsonl").write_bytes(b"x" * 300_000)  # untracked, not ignored: would be shipped
+    with pytest.raises(UploadError, match=r"over the 0.1 MiB limit; biggest: corpus.jsonl \(293.0 KiB\)"):
+        plan_upload(root).check_limit(0.1)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UploadError, match="not a usable git checkout"):
+        plan_upload(tmp_path / "plain")
 
 
 def test_unreachable_dashboard_is_a_clear_error(capsys):
@@ -148,7 +231,9 @@ def head():
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash, client, agent, agent_grpc, metrics, rt_env = _free_ports(7)
     token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAYLM_TEST_NODE_SECRET": "node-only-value",  # as a Kubernetes Secret in the pods' env would be
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # else --node-ip-address 127.0.0.1 becomes the network address
     env.pop("RAY_ADDRESS", None)
     cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
@@ -161,7 +246,7 @@ def head():
     address = f"http://127.0.0.1:{dash}"
     try:
         _wait_dashboard(address, token, proc)
-        yield {"address": address, "token": token, "temp_dir": temp_dir}
+        yield {"address": address, "token": token, "temp_dir": temp_dir, "gcs": f"127.0.0.1:{gcs}"}
     finally:
         proc.send_signal(signal.SIGTERM)  # --block: ray start shuts its node down on SIGTERM
         try:
@@ -197,6 +282,10 @@ def test_submitted_command_succeeds_and_writes_its_output(head, tmp_path, monkey
     assert "wrote " in res.stdout  # the job's own output, followed live
     service = yaml.safe_load(out.read_text())
     assert "max_replicas: 3" in service["spec"]["serveConfigV2"]
+    from ray.job_submission import JobSubmissionClient
+    client = JobSubmissionClient(head["address"], headers={"Authorization": f"Bearer {head['token']}"})
+    # the checkout went as our zip (cluster/upload.py), content-addressed by Ray
+    assert client.get_job_info(job_id).runtime_env["working_dir"].startswith("gcs://_ray_pkg_")
 
     # raylm jobs: in-process (no Ray started), token from the environment
     from cluster.cli import main
@@ -211,6 +300,38 @@ def test_submitted_command_succeeds_and_writes_its_output(head, tmp_path, monkey
     assert "already finished" in capsys.readouterr().out
     assert main(["jobs", "status", "raylm-no-such-job", "--address", head["address"]]) == 1
     assert "raylm-no-such-job" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_cluster_env_reference_resolves_on_the_node_and_only_the_reference_is_stored(head):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head["address"], headers={"Authorization": f"Bearer {head['token']}"})
+    env = runtime_env(parse_env([], [], ["MY_SECRET=RAYLM_TEST_NODE_SECRET"]), [], working_dir=None)
+    job_id = client.submit_job(entrypoint=f"{sys.executable} -c \"import os; print('got', os.environ['MY_SECRET'])\"",
+                               runtime_env=env)
+    wait_for(lambda: str(client.get_job_status(job_id)) in ("SUCCEEDED", "FAILED"), 120, "the job to end")
+    assert "got node-only-value" in client.get_job_logs(job_id)
+    assert client.get_job_info(job_id).runtime_env["env_vars"] == {"MY_SECRET": "${RAYLM_TEST_NODE_SECRET}"}
+
+
+@pytest.mark.ray
+def test_driver_joining_a_cluster_ships_the_same_zip(head):
+    """`raylm <stage> --address HEAD:6379` from outside a job: init_ray uploads the checkout as cluster/upload
+    lists it (a subprocess: this process may hold the session cluster)."""
+    code = (f"import ray; from cluster.runtime import init_ray; init_ray(address={head['gcs']!r}); "
+            "print('WD', ray.get_runtime_context().runtime_env['working_dir']); "
+            "print('CWD', ray.get(ray.remote(lambda: __import__('os').getcwd()).remote()))")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head["token"],
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the head is on loopback: so must the driver's node be
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                         timeout=180, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "WD gcs://_ray_pkg_" in res.stdout
+    cwd = Path(res.stdout.split("CWD ")[1].strip())
+    assert (cwd / "cluster" / "upload.py").is_file()  # the task runs in the unpacked zip
+    assert not (cwd / ".git").exists() and not (cwd / "runs").exists()
 
 
 @pytest.mark.ray

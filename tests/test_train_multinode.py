@@ -36,7 +36,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 try:
     for _ in range(2):
         cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, runtime_env=project_runtime_env(carry_project=False))
+    ray.init(address=cluster.address, runtime_env=project_runtime_env())
     recipe = load_recipe(None, TINY + ["pretrain.zero_stage=1", "pretrain.placement_strategy=STRICT_SPREAD"])
     summary = run(StageContext(recipe=recipe, run_dir=RunDir.create(root)))
     workers = json.loads((root / "pretrain" / "workers.json").read_text())

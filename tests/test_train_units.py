@@ -129,3 +129,28 @@ def test_pipeline_stages_are_balanced_on_compute_not_parameters():
     assert list(partition_balanced(costs, 2)) == [0, 4, 6]
     params = [sum(p.numel() for p in layer.parameters()) for layer in build_model(recipe.model, 4096, 0).as_layers()]
     assert list(partition_balanced(params, 2)) == [0, 3, 6]
+
+
+class _RunsCode:
+    """A pickle that calls a function of the file's choosing when loaded (what a planted checkpoint does)."""
+
+    def __reduce__(self):
+        return (print, ("planted code ran",))
+
+
+def test_checkpoint_loads_refuse_code_but_restore_rng_exactly(tmp_path):
+    import random
+
+    import numpy as np
+
+    from pipelines.train.checkpoint import rng_state, set_rng_state, weights_only_loads
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save({"rng": rng_state()}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+    torch.save({"x": _RunsCode()}, tmp_path / "planted.pt")
+    with weights_only_loads(), pytest.raises(Exception, match="Unsupported global"):
+        torch.load(tmp_path / "planted.pt", weights_only=False)  # as DeepSpeed calls it

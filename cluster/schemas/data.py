@@ -134,6 +134,7 @@ class DataConfig:
     id_field: str = "id"
     on_error: Literal["fail", "skip"] = "fail"
     num_blocks: int = 8             # parallelism of the read and of every shuffle
+    max_text_file_mb: float = 64    # a text input (one document per file) is read whole: larger ones fail
     builtin: BuiltinCorpusConfig = field(default_factory=BuiltinCorpusConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
@@ -143,6 +144,6 @@ class DataConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     def __post_init__(self) -> None:
-        _check_positive(self, "num_blocks")
+        _check_positive(self, "num_blocks", "max_text_file_mb")
         if not self.text_field:
             raise ValueError("text_field: must not be empty")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cluster.schemas.data import BuiltinCorpusConfig, DataConfig
+from cluster.schemas.data import DataConfig
 from pipelines.data.builtin_corpus import extract, list_builtin_files
 from pipelines.data.normalize import decode, derived_id
 
@@ -120,10 +120,21 @@ def _read_parquet(fs, fs_path: str, path: str, cfg: DataConfig) -> Iterator[dict
                 ordinal += 1
 
 
-def _read_builtin(fs, fs_path: str, kind: str, path: str, root: str, cfg: BuiltinCorpusConfig):
+def _read_whole(stream, cfg: DataConfig) -> bytes:
+    """Files that are one document are read whole: cap the bytes read (after decompression, so a small archive
+    that inflates to gigabytes fails too) instead of letting one file exhaust a worker's memory."""
+    cap = int(cfg.max_text_file_mb * 1024 * 1024)
+    raw = stream.read(cap + 1)
+    if len(raw) > cap:
+        raise ValueError(f"more than {cfg.max_text_file_mb:g} MiB of text in one file (data.max_text_file_mb; "
+                         "split it, or use .jsonl with one document per line)")
+    return raw
+
+
+def _read_builtin(fs, fs_path: str, kind: str, path: str, root: str, cfg: DataConfig):
     with fs.open_input_stream(fs_path) as stream:
-        raw = stream.read()
-    for ordinal, text in enumerate(extract(raw, kind, path, root, cfg)):
+        raw = _read_whole(stream, cfg)
+    for ordinal, text in enumerate(extract(raw, kind, path, root, cfg.builtin)):
         yield {"id": derived_id(path, ordinal, text), "text": text, "source": path, "meta": "",
                "repaired": False, "read_error": ""}
 
@@ -140,11 +151,11 @@ def read_file(path: str, kind: str, root: str, cfg: DataConfig) -> Iterator[dict
             yield from _read_jsonl(io.BufferedReader(stream, buffer_size=1 << 20), path, cfg)
     elif kind == "text":
         with fs.open_input_stream(fs_path, compression=compression) as stream:
-            text, repaired = decode(stream.read())
+            text, repaired = decode(_read_whole(stream, cfg))
         yield {"id": derived_id(path, 0, text), "text": text, "source": path, "meta": "",
                "repaired": repaired, "read_error": ""}
     else:
-        yield from _read_builtin(fs, fs_path, kind, path, root, cfg.builtin)
+        yield from _read_builtin(fs, fs_path, kind, path, root, cfg)
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:

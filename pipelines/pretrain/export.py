@@ -19,7 +19,7 @@ from cluster.recipe import recipe_from_dict
 from pipelines.hf_export import export_hf
 from pipelines.model import build_model
 from pipelines.pretrain.shards import read_manifest
-from pipelines.train.checkpoint import DEEPSPEED_TAG
+from pipelines.train.checkpoint import DEEPSPEED_TAG, weights_only_loads
 
 
 def consolidated_state(checkpoint_dir: Path, build) -> dict[str, torch.Tensor]:
@@ -39,10 +39,11 @@ def consolidated_state(checkpoint_dir: Path, build) -> dict[str, torch.Tensor]:
     if list(ds_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
+        with weights_only_loads():  # DeepSpeed's consolidation loads with weights_only=False by itself
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
         return dict(state)
-    # weights_only=False: DeepSpeed's model-state file holds plain Python metadata beside the tensors.
-    return torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    with weights_only_loads():
+        return torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
 
 
 def latest_checkpoint(stage_dir: Path) -> Path:

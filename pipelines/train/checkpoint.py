@@ -6,8 +6,10 @@ resume or after a worker-group restart.
 """
 from __future__ import annotations
 
+import os
 import random
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import ray.train
 import torch
 
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's sub-directory inside the checkpoint
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 @dataclass
@@ -32,7 +35,11 @@ def worker_state_file(rank: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain types and tensors only, so ``torch.load(weights_only=True)`` reads it back: numpy's key array as a
+    list of ints (Python's state is already a tuple of ints)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -44,6 +51,34 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _deepspeed_checkpoint_classes() -> list:
+    """The classes DeepSpeed pickles beside tensors in its checkpoints (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO-1/2/3, offload and pipeline checkpoints):
+    plain state holders whose unpickling runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside, DeepSpeed's own included (it passes ``weights_only=False``), unpickles only
+    tensors, plain containers and DeepSpeed's checkpoint classes: a file planted in a shared run directory cannot
+    run code in the training workers. torch's switch for this is an environment variable, read per load."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 def save_and_report(engine, metrics: dict, position: Position, rank: int) -> None:
@@ -65,11 +100,11 @@ def restore(engine, rank: int) -> Position | None:
         if not state_path.exists():
             raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {rank}: it was written by a "
                                "run with fewer workers; resume with the same num_workers/pipeline_stages")
-        loaded, _ = engine.load_checkpoint(directory, tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
-        if loaded is None:
-            raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no '{DEEPSPEED_TAG}' state in it")
-        # weights_only=False: the file holds numpy/python RNG tuples, and it is our own file.
-        state = torch.load(state_path, weights_only=False)
+        with weights_only_loads():
+            loaded, _ = engine.load_checkpoint(directory, tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+            if loaded is None:
+                raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed found no '{DEEPSPEED_TAG}' state")
+            state = torch.load(state_path, weights_only=True)
     set_rng_state(state["rng"])
     return Position(**state["position"])

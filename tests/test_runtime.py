@@ -1,0 +1,65 @@
+"""The local cluster raylm starts listens on loopback only (read from /proc: no `ss` needed)."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+            parents[int(entry.name)] = int(ppid)
+    found, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]
+        found.update(children)
+        frontier += children
+    return found
+
+
+def _socket_inodes(pids: set[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        inodes.update(link[8:-1] for link in links if link.startswith("socket:["))
+    return inodes
+
+
+def _listening(inodes: set[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Addresses of the TCP sockets in LISTEN state (st 0A) among ``inodes``."""
+    out = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:
+                continue
+            raw = bytes.fromhex(cols[1].split(":")[0])
+            if v6:  # four host-order 32-bit words
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                out.append(ipaddress.IPv6Address(raw))
+            else:
+                out.append(ipaddress.IPv4Address(raw[::-1]))
+    return out
+
+
+@pytest.mark.ray
+def test_local_cluster_listens_on_loopback_only(ray_cluster):
+    ray_cluster.get([ray_cluster.remote(lambda: 1).remote()])  # a worker process, with its own server
+    addresses = _listening(_socket_inodes(_descendants(os.getpid())))
+    assert len(addresses) >= 6  # GCS, raylet (2), dashboard agent, runtime-env agent, workers
+    exposed = [a for a in addresses
+               if not (a.is_loopback or (a.version == 6 and a.ipv4_mapped and a.ipv4_mapped.is_loopback))]
+    assert exposed == []
