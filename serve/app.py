@@ -83,6 +83,8 @@ def build_from_config(cfg: ServeConfig, model_dir: str | Path) -> Application:
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        # one engine call per completion choice, already in the ingress's access log: no second line per call
+        logging_config={"enable_access_log": False},
     ).bind(model_dir, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.stream_interval)
     ingress = serve.deployment(_ingress_class(), name=INGRESS).options(
         num_replicas=cfg.ingress_replicas,
