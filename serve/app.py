@@ -42,15 +42,15 @@ class LLMEngine:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Yields the request's Deltas (text, completion_tokens, finish_reason, log-probs) as its tokens come."""
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
+        from serve.mailbox import Mailbox
+
+        mailbox = Mailbox(asyncio.get_running_loop())
         key = object()
-        self.scheduler.submit(key, prompt_ids, params,
-                              lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
+        self.scheduler.submit(key, prompt_ids, params, mailbox.put)
         finished = False
         try:
             while not finished:
-                item = await deltas.get()
+                item = await mailbox.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish_reason is not None

@@ -203,3 +203,27 @@ def test_logprobs_match_the_model(engine):
     (only,) = [step[0] for step in generate(engine, [prompt], [echo_only])]
     assert (only.text, only.completion_tokens, only.finish_reason) == ("", 0, "length")
     assert [lp for _, lp, _ in only.prompt_logprobs] == pytest.approx([lp for _, lp, _ in prompt_lp])
+
+
+def test_mailbox_merges_what_a_busy_consumer_has_not_taken():
+    import asyncio
+
+    from serve.mailbox import Mailbox
+
+    async def scenario():
+        box = Mailbox(asyncio.get_running_loop())
+        producer = threading.Thread(target=lambda: [box.put(Delta(t, i + 1)) for i, t in enumerate("abc")])
+        producer.start()
+        producer.join()  # the consumer was busy for all three
+        first = await box.get()
+        box.put(Delta("d", 4, "length"))
+        last = await box.get()
+        box.put(Delta("e", 1))
+        box.put(RuntimeError("boom"))
+        box.put(Delta("f", 2))
+        return first, last, await box.get()
+
+    first, last, failed = asyncio.run(scenario())
+    assert (first.text, first.completion_tokens, first.finish_reason) == ("abc", 3, None)
+    assert (last.text, last.completion_tokens, last.finish_reason) == ("d", 4, "length")
+    assert isinstance(failed, RuntimeError)
