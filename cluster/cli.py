@@ -27,6 +27,7 @@ STAGE_ENTRYPOINTS = {
     "sft": ("pipelines.sft.stage:run", "supervised fine-tuning on chat data"),
     "reward": ("pipelines.reward.stage:run", "train the pairwise reward model"),
     "ppo": ("actors.ppo.stage:run", "PPO/GRPO with policy, critic, reward and reference Ray actors"),
+    "eval": ("pipelines.eval.stage:run", "bits per byte on held-out text and greedy samples of every model"),
     "serve": ("serve.stage:run", "serve the model: OpenAI-compatible API + Gradio chat demo"),
 }
 
@@ -34,7 +35,8 @@ STAGE_ENTRYPOINTS = {
 FLAG_OVERRIDES = {
     "input": "data.input",
     "data": {"sft": "sft.data", "reward": "reward.data", "ppo": "ppo.prompts"},
-    "model": "serve.model",
+    "model": {"serve": "serve.model", "eval": "eval.models"},
+    "text": "eval.text",
     "host": "serve.host",
     "port": "serve.port",
 }
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--host")
             p.add_argument("--port", type=int)
             p.add_argument("--no-block", action="store_true", help="return once the app is up")
+        if stage == "eval":
+            p.add_argument("--model", action="append", metavar="DIR", help="HF model dir (repeatable; default: "
+                           "every model of the run); lm-eval tasks: eval.tasks=[NAME,...]")
+            p.add_argument("--text", action="append", metavar="PATH", help="held-out text file/dir (repeatable; "
+                           "default: the data stage's validation split)")
     p = sub.add_parser("submit", help="submit a raylm command to a Ray cluster as a job (Ray Jobs API)")
     p.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
@@ -162,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx = StageContext(recipe=recipe, run_dir=run_dir, address=args.address,
                            options={"block": not getattr(args, "no_block", False)})
         for stage in stages:
-            resolve_entrypoint(stage)  # a stage that is not built fails here, before Ray starts
+            entrypoint = resolve_entrypoint(stage)  # a stage that is not built fails here, before Ray starts
+            preflight = getattr(sys.modules[entrypoint.__module__], "preflight", None)
+            if preflight is not None:
+                preflight(ctx)  # a stage's own inputs (files, names) are checked before any stage runs
         init_ray(recipe.ray, args.address)
         run_stages(ctx, stages)
         return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STAGES = ("data", "pretrain", "sft", "reward", "ppo", "serve")
+STAGES = ("data", "pretrain", "sft", "reward", "ppo", "eval", "serve")
 MODEL_STAGES = ("ppo", "sft", "pretrain")  # newest first: which trained model a later step should pick up
 
 
