@@ -23,6 +23,7 @@ from pipelines.eval.scoring import bits_per_byte
 from pipelines.eval.stage import evaluate, run
 
 VAL_FRACTION = 0.5
+TASKS = ("eval.tasks=[raylm_qa_mc]", "eval.task_limit=3")
 DOCS = [f"Document {i}: the function `json.dumps` returns a JSON string ({'é' * (i % 3)}), {i * 7} times."
         for i in range(12)]
 
@@ -37,7 +38,7 @@ def build_tiny_model(out: Path, seed: int) -> Path:
     tok = train_tokenizer(DOCS * 3, out, vocab_size=300)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                          pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
@@ -82,6 +83,32 @@ def test_bits_per_byte_matches_a_plain_loop(tiny_run):
     assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, abs=2e-5)
 
 
+def test_lm_eval_bits_per_byte_agrees_with_ours(tiny_run, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is a dependency: `make install` adds it")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.eval.lm_tasks import run_tasks, write_local_tasks
+
+    path = tiny_run / "pretrain" / "model"
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    # one window per document (lm-eval's max_length is the model's 256 positions): the same sums
+    ours = bits_per_byte(model, tok, DOCS[:5], seq_len=256, batch_size=4, where=str(path))
+    tasks_dir = write_local_tasks(tmp_path / "tasks", DOCS[:5], sft_val_fraction=0.1)
+    theirs = run_tasks(model, tok, ["raylm_heldout"], tasks_dir, chat=False, batch_size=4, limit=None)
+    assert theirs["n_samples"] == {"raylm_heldout": 5}
+    assert theirs["tasks"]["raylm_heldout"]["bits_per_byte"] == pytest.approx(ours["bits_per_byte"], abs=2e-5)
+
+
+def test_qa_multiple_choice_is_fixed_and_well_formed():
+    from pipelines.eval.lm_tasks import qa_multiple_choice
+
+    docs = qa_multiple_choice(0.1)  # the distractors are drawn with a per-question seed: fixed by construction
+    assert len(docs) > 20
+    for doc in docs:
+        assert len(set(doc["choices"])) == 4 and 0 <= doc["label"] < 4
+    assert len({d["label"] for d in docs}) == 4  # the true answer is not always in one place
+
+
 def test_cap_bytes_cuts_whole_documents_then_at_a_character_boundary():
     assert cap_bytes(["abc", "dé"], 100) == (["abc", "dé"], False)
     assert cap_bytes(["abc", "dé"], 5) == (["abc", "d"], True)  # 'é' is 2 bytes: not split in half
@@ -89,7 +116,8 @@ def test_cap_bytes_cuts_whole_documents_then_at_a_character_boundary():
 
 
 def test_eval_on_a_run_dir_writes_results_that_a_rerun_reproduces(tiny_run):
-    summary = evaluate(context(tiny_run), parallel=False)
+    pytest.importorskip("lm_eval", reason="lm-eval is a dependency: `make install` adds it")
+    summary = evaluate(context(tiny_run, *TASKS), parallel=False)
     results_path = tiny_run / "eval" / "results.json"
     first = results_path.read_bytes()
     results = json.loads(first)
@@ -103,7 +131,12 @@ def test_eval_on_a_run_dir_writes_results_that_a_rerun_reproduces(tiny_run):
     assert pretrain["bpb"]["bits_per_byte"] != sft["bpb"]["bits_per_byte"]  # different weights, same text
     assert pretrain["samples"]["format"] == "text" and sft["samples"]["format"] == "chat"
     assert [s["prompt"] for s in sft["samples"]["items"]] == results["settings"]["prompts"]
-    evaluate(context(tiny_run), parallel=False)
+    for model in (pretrain, sft):
+        assert model["lm_eval"]["n_samples"] == {"raylm_qa_mc": 3}
+        acc = model["lm_eval"]["tasks"]["raylm_qa_mc"]["acc"]
+        assert 0 <= acc <= 1 and acc * 3 == pytest.approx(round(acc * 3), abs=1e-4)  # k of 3 questions
+    assert (pretrain["lm_eval"]["chat_template"], sft["lm_eval"]["chat_template"]) == (False, True)
+    evaluate(context(tiny_run, *TASKS), parallel=False)
     assert results_path.read_bytes() == first
     assert [m["model"] for m in read_metrics(tiny_run / "eval")] == ["pretrain", "sft"] * 2
 
@@ -137,15 +170,17 @@ def test_bad_input_fails_before_ray_starts_naming_it(tiny_run, tmp_path, capsys)
 
 @pytest.mark.ray
 def test_parallel_eval_one_ray_task_per_model_gives_the_same_results(ray_cluster, tiny_run, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is a dependency: `make install` adds it")
     if not (tiny_run / "eval" / "results.json").exists():  # this test alone (-k): the in-process baseline
-        evaluate(context(tiny_run), parallel=False)
+        evaluate(context(tiny_run, *TASKS), parallel=False)
     local = json.loads((tiny_run / "eval" / "results.json").read_text())
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("eval"))
-    run(context(run_dir))
+    run(context(run_dir, *TASKS))
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == ["pretrain", "sft"]
     assert all(m["pid"] != os.getpid() for m in read_metrics(run_dir / "eval"))  # evaluated in Ray workers
     # the same numbers as in-process, one thread there and two here (paths differ: another run dir)
     assert [m["bpb"] for m in results["models"]] == [m["bpb"] for m in local["models"]]
-    assert [m["samples"] for m in results["models"]] == [m["samples"] for m in local["models"]]
+    for key in ("samples", "lm_eval"):
+        assert [m[key] for m in results["models"]] == [m[key] for m in local["models"]]

@@ -63,8 +63,9 @@ def load_model(path: str, device):
     return model, tokenizer
 
 
-def evaluate_model(spec: ModelSpec, texts: list[str], cfg: EvalConfig) -> dict:
-    """bits per byte on ``texts`` and greedy samples of ``cfg.prompts``.
+def evaluate_model(spec: ModelSpec, texts: list[str], cfg: EvalConfig, tasks_dir: str | None = None) -> dict:
+    """bits per byte on ``texts``, greedy samples of ``cfg.prompts`` and the lm-eval ``cfg.tasks`` (the local
+    ones written to ``tasks_dir``).
 
     Returns {"record": the model's entry of results.json, "seconds", "device", "pid"}: timings and placement go to
     metrics.jsonl only, never into results.json, which a rerun on the same inputs must reproduce exactly."""
@@ -82,6 +83,11 @@ def evaluate_model(spec: ModelSpec, texts: list[str], cfg: EvalConfig) -> dict:
         "samples": {"format": "chat" if spec.chat else "text",
                     "items": greedy_samples(model, tokenizer, cfg.prompts, spec.chat, cfg.max_new_tokens)},
     }
+    if cfg.tasks:
+        from pipelines.eval.lm_tasks import run_tasks
+
+        record["lm_eval"] = run_tasks(model, tokenizer, cfg.tasks, Path(tasks_dir) if tasks_dir else None,
+                                      spec.chat, cfg.batch_size, cfg.task_limit)
     log.info("eval: %s: %.4f bits/byte", spec.name, record["bpb"]["bits_per_byte"])
     return {"record": record, "seconds": round(time.perf_counter() - started, 2), "device": str(device),
             "pid": os.getpid()}

@@ -15,6 +15,7 @@ from cluster.runtime import init_ray
 from cluster.schemas.eval import EvalConfig
 from cluster.stage import StageContext
 from pipelines.eval.heldout import HeldOut, load_heldout
+from pipelines.eval.lm_tasks import LOCAL_TASKS, check_tasks, write_local_tasks
 from pipelines.eval.model_eval import ModelSpec, check_model_dir, evaluate_model
 
 log = logging.getLogger("raylm")
@@ -58,21 +59,24 @@ def resolve_models(cfg: EvalConfig, run_dir: RunDir) -> list[ModelSpec]:
 
 
 def results_document(cfg: EvalConfig, heldout: HeldOut, records: list[dict]) -> dict:
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("models", "text", "num_cpus", "num_gpus", "device")}
+    # what changes the numbers; the models and the text are recorded in their own entries, placement is not
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("models", "text", "num_cpus", "num_gpus", "device")}
     return {"schema_version": SCHEMA_VERSION, "heldout": heldout.describe(cfg.max_bytes), "settings": settings,
             "models": records}
 
 
 def preflight(ctx: StageContext) -> None:
-    """Checks the inputs a user names (model dirs, text files), before Ray starts and before any stage of
-    ``raylm run`` does work: a typo must not cost a training run. The run's own models and data are checked
-    when the stage starts (earlier stages of the same run write them)."""
+    """Checks the inputs a user names (model dirs, text files, lm-eval tasks) before Ray starts and before any
+    stage of ``raylm run`` does work: a typo must not cost a training run. The run's own models and data are
+    checked when the stage starts (earlier stages of the same run write them)."""
     cfg = ctx.recipe.eval
     if cfg.models:
         resolve_models(cfg, ctx.run_dir)
     if cfg.text:
         load_heldout(cfg.text, ctx.run_dir.root / "data", ctx.recipe.data.tokenize.val_fraction, cfg.text_field,
                      cfg.max_bytes)
+    check_tasks(cfg.tasks)
 
 
 def evaluate(ctx: StageContext, parallel: bool = True) -> dict:
@@ -82,21 +86,28 @@ def evaluate(ctx: StageContext, parallel: bool = True) -> dict:
     specs = resolve_models(cfg, ctx.run_dir)
     heldout = load_heldout(cfg.text, ctx.run_dir.root / "data", ctx.recipe.data.tokenize.val_fraction,
                            cfg.text_field, cfg.max_bytes)
+    check_tasks(cfg.tasks)
+    out_dir = ctx.stage_dir("eval")
+    tasks_dir = None
+    if any(t in LOCAL_TASKS for t in cfg.tasks):  # on a cluster, the run dir is shared storage: tasks read it
+        tasks_dir = str(write_local_tasks(out_dir / "lm_eval_tasks", heldout.texts, ctx.recipe.sft.val_fraction))
     log.info("eval: %d model(s) on %d held-out bytes (%s)", len(specs), heldout.bytes, heldout.source)
     if parallel:
         ray = init_ray(ctx.recipe.ray, ctx.address)
         texts = ray.put(heldout.texts)
         task = ray.remote(evaluate_model).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-        outs = ray.get([task.remote(spec, texts, cfg) for spec in specs])
+        outs = ray.get([task.remote(spec, texts, cfg, tasks_dir) for spec in specs])
     else:
-        outs = [evaluate_model(spec, heldout.texts, cfg) for spec in specs]
-    out_dir = ctx.stage_dir("eval")
+        outs = [evaluate_model(spec, heldout.texts, cfg, tasks_dir) for spec in specs]
     atomic_write_json(out_dir / RESULTS, results_document(cfg, heldout, [o["record"] for o in outs]))
     metrics = MetricsLog(out_dir, tensorboard=False)
     for out in outs:
         record = out["record"]
+        tasks = {f"{task}/{metric}": value for task, values in record.get("lm_eval", {}).get("tasks", {}).items()
+                 for metric, value in values.items() if isinstance(value, float)}
         metrics.log({"model": record["name"], "bits_per_byte": record["bpb"]["bits_per_byte"],
-                     "loss": record["bpb"]["loss"], "seconds": out["seconds"], "device": out["device"], "pid": out["pid"]})
+                     "loss": record["bpb"]["loss"], **tasks, "seconds": out["seconds"], "device": out["device"],
+                     "pid": out["pid"]})
     metrics.close()
     return {"results": str(out_dir / RESULTS),
             **{f"{o['record']['name']}_bpb": o["record"]["bpb"]["bits_per_byte"] for o in outs}}
