@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("k8s", help="render the KubeRay manifests (k8s/overlays/*/generated) from the recipes")
     from cluster.k8s import add_arguments as add_k8s_arguments
     add_k8s_arguments(p)
+    p = sub.add_parser("lineage", help="the chain from a model dir back to the corpus files, checked by hash")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="e.g. runs/tiny-cpu/ppo/model (or a stage dir)")
     p = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?")
@@ -137,6 +139,8 @@ def run_stages(ctx: StageContext, stages: list[str]) -> list[dict]:
             progress.start(stage)
             with Timer() as t:
                 summary = fn(ctx) or {}
+            from pipelines.lineage import record_stage
+            record_stage(ctx.run_dir.root, ctx.recipe, stage)  # what the stage read and wrote, as hashes
             progress.done(stage, t.seconds, summary)
             results.append({"stage": stage, "seconds": round(t.seconds, 1), **summary})
     return results
@@ -152,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "jobs":
             from cluster.jobs import jobs_command
             return jobs_command(args)
+        if args.command == "lineage":
+            from pipelines.lineage import lineage_command
+            return lineage_command(args.model_dir)
         if args.command == "k8s":
             from cluster.k8s import k8s_command
             return k8s_command(args)
