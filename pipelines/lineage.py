@@ -19,9 +19,9 @@ from cluster.config import atomic_write_json, to_dict
 RECORD = "lineage.json"
 # which earlier stages' outputs each stage reads (pipelines/*/stage.py, actors/ppo/stage.py)
 PARENTS = {"data": [], "pretrain": ["data"], "sft": ["pretrain"], "reward": ["sft"], "ppo": ["sft", "reward"],
-           "eval": ["pretrain", "sft", "ppo"]}
+           "eval": ["data", "pretrain", "sft", "ppo"]}
 # outputs per stage, relative to the stage dir (globs)
-OUTPUTS = {"data": ["shards/*", "tokenizer/tokenizer.json"], "eval": ["results.json"]}
+OUTPUTS = {"data": ["shards/*", "documents/*", "tokenizer/tokenizer.json"], "eval": ["results.json"]}
 MODEL_OUTPUTS = ["model/*"]
 
 
