@@ -21,6 +21,7 @@ from pipelines.data.pack import is_validation
 from pipelines.eval.heldout import cap_bytes
 from pipelines.eval.scoring import bits_per_byte
 from pipelines.eval.stage import evaluate, run
+from pipelines.reward.model import init_reward_model
 
 VAL_FRACTION = 0.5
 TASKS = ("eval.tasks=[raylm_qa_mc]", "eval.task_limit=3")
@@ -47,10 +48,14 @@ def build_tiny_model(out: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A run dir as the pipeline leaves it, for eval: data/documents and pretrain + sft models."""
+    """A run dir as the pipeline leaves it, for eval: data/documents, pretrain + sft models, a reward model."""
     root = tmp_path_factory.mktemp("evalrun")
     build_tiny_model(root / "pretrain" / "model", seed=0)
     build_tiny_model(root / "sft" / "model", seed=1)
+    reward = init_reward_model(root / "sft" / "model")  # the reward stage's start: SFT body, fresh scalar head
+    reward.save_pretrained(root / "reward" / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(root / "sft" / "model" / name, root / "reward" / "model" / name)
     docs = root / "data" / "documents"
     docs.mkdir(parents=True)
     ids = [f"doc{i:03d}" for i in range(len(DOCS))]
@@ -136,9 +141,11 @@ def test_eval_on_a_run_dir_writes_results_that_a_rerun_reproduces(tiny_run):
         acc = model["lm_eval"]["tasks"]["raylm_qa_mc"]["acc"]
         assert 0 <= acc <= 1 and acc * 3 == pytest.approx(round(acc * 3), abs=1e-4)  # k of 3 questions
     assert (pretrain["lm_eval"]["chat_template"], sft["lm_eval"]["chat_template"]) == (False, True)
+    reward = results["reward_model"]
+    assert reward["pairs"] > 10 and 0 <= reward["accuracy"] <= 1 and reward["data"] == "builtin"
     evaluate(context(tiny_run, *TASKS), parallel=False)
     assert results_path.read_bytes() == first
-    assert [m["model"] for m in read_metrics(tiny_run / "eval")] == ["pretrain", "sft"] * 2
+    assert [m["model"] for m in read_metrics(tiny_run / "eval")] == ["pretrain", "sft", "reward"] * 2
 
 
 def test_user_text_and_model_dirs(tiny_run, tmp_path):
@@ -149,6 +156,7 @@ def test_user_text_and_model_dirs(tiny_run, tmp_path):
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert results["heldout"]["bytes"] == sum(len(d.encode()) for d in DOCS[:2])
     assert [(m["name"], m["path"]) for m in results["models"]] == [("sft", str(model))]
+    assert results["reward_model"] is None  # models named by hand: the run's reward model is not theirs
 
 
 def test_bad_input_fails_before_ray_starts_naming_it(tiny_run, tmp_path, capsys):
@@ -184,3 +192,4 @@ def test_parallel_eval_one_ray_task_per_model_gives_the_same_results(ray_cluster
     assert [m["bpb"] for m in results["models"]] == [m["bpb"] for m in local["models"]]
     for key in ("samples", "lm_eval"):
         assert [m[key] for m in results["models"]] == [m[key] for m in local["models"]]
+    assert {**results["reward_model"], "path": ""} == {**local["reward_model"], "path": ""}

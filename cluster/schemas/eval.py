@@ -24,6 +24,7 @@ class EvalConfig:
     batch_size: int = 8  # windows per forward pass
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = 48  # per greedy sample
+    reward: bool = True  # the run's reward model: accuracy on its held-out preference pairs (runs without --model)
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (local ones ship in pipelines/eval/tasks)
     task_limit: int | None = None  # lm-eval: at most this many documents per task (None: all)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the Ray task (or process) has a GPU

@@ -1,5 +1,6 @@
-"""``raylm eval``: bits per byte on held-out text and greedy samples for every model of a run (or the
-``--model`` dirs), one Ray task per model; results in ``<run>/eval/results.json`` (schema: docs/evaluation.md).
+"""``raylm eval``: bits per byte on held-out text, lm-eval tasks and greedy samples for every model of a run
+(or the ``--model`` dirs), and the run's reward model's held-out accuracy, one Ray task per model; results in
+``<run>/eval/results.json`` (schema: docs/evaluation.md).
 
 Every input is checked before any model is loaded: the model directories, the held-out text (read here, on the
 driver, once; the tasks share it through the object store) and the task names.
@@ -17,6 +18,7 @@ from cluster.stage import StageContext
 from pipelines.eval.heldout import HeldOut, load_heldout
 from pipelines.eval.lm_tasks import LOCAL_TASKS, check_tasks, write_local_tasks
 from pipelines.eval.model_eval import ModelSpec, check_model_dir, evaluate_model
+from pipelines.eval.reward_eval import evaluate_reward_model
 
 log = logging.getLogger("raylm")
 
@@ -58,12 +60,12 @@ def resolve_models(cfg: EvalConfig, run_dir: RunDir) -> list[ModelSpec]:
     return [s if names.index(s.name) == i else ModelSpec(s.path, s.path, s.chat) for i, s in enumerate(specs)]
 
 
-def results_document(cfg: EvalConfig, heldout: HeldOut, records: list[dict]) -> dict:
+def results_document(cfg: EvalConfig, heldout: HeldOut, records: list[dict], reward: dict | None) -> dict:
     # what changes the numbers; the models and the text are recorded in their own entries, placement is not
     settings = {k: v for k, v in to_dict(cfg).items()
                 if k not in ("models", "text", "num_cpus", "num_gpus", "device")}
     return {"schema_version": SCHEMA_VERSION, "heldout": heldout.describe(cfg.max_bytes), "settings": settings,
-            "models": records}
+            "models": records, "reward_model": reward}
 
 
 def preflight(ctx: StageContext) -> None:
@@ -92,14 +94,23 @@ def evaluate(ctx: StageContext, parallel: bool = True) -> dict:
     if any(t in LOCAL_TASKS for t in cfg.tasks):  # on a cluster, the run dir is shared storage: tasks read it
         tasks_dir = str(write_local_tasks(out_dir / "lm_eval_tasks", heldout.texts, ctx.recipe.sft.val_fraction))
     log.info("eval: %d model(s) on %d held-out bytes (%s)", len(specs), heldout.bytes, heldout.source)
+    reward_dir = ctx.run_dir.model_dir("reward")
+    score_reward = cfg.reward and not cfg.models and (reward_dir / "config.json").is_file()
+    reward_args = (str(reward_dir), ctx.recipe.reward, ctx.recipe.seed)
     if parallel:
         ray = init_ray(ctx.recipe.ray, ctx.address)
         texts = ray.put(heldout.texts)
         task = ray.remote(evaluate_model).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-        outs = ray.get([task.remote(spec, texts, cfg, tasks_dir) for spec in specs])
+        refs = [task.remote(spec, texts, cfg, tasks_dir) for spec in specs]
+        reward_ref = ray.remote(evaluate_reward_model).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus
+                                                               ).remote(*reward_args) if score_reward else None
+        outs = ray.get(refs)
+        reward = ray.get(reward_ref) if reward_ref is not None else None
     else:
         outs = [evaluate_model(spec, heldout.texts, cfg, tasks_dir) for spec in specs]
-    atomic_write_json(out_dir / RESULTS, results_document(cfg, heldout, [o["record"] for o in outs]))
+        reward = evaluate_reward_model(*reward_args) if score_reward else None
+    atomic_write_json(out_dir / RESULTS, results_document(cfg, heldout, [o["record"] for o in outs],
+                                                          reward["record"] if reward else None))
     metrics = MetricsLog(out_dir, tensorboard=False)
     for out in outs:
         record = out["record"]
@@ -108,8 +119,12 @@ def evaluate(ctx: StageContext, parallel: bool = True) -> dict:
         metrics.log({"model": record["name"], "bits_per_byte": record["bpb"]["bits_per_byte"],
                      "loss": record["bpb"]["loss"], **tasks, "seconds": out["seconds"], "device": out["device"],
                      "pid": out["pid"]})
+    if reward:
+        metrics.log({"model": "reward", "reward_accuracy": reward["record"]["accuracy"],
+                     "reward_margin": reward["record"]["margin"], "seconds": reward["seconds"], "pid": reward["pid"]})
     metrics.close()
     return {"results": str(out_dir / RESULTS),
+            **({"reward_accuracy": reward["record"]["accuracy"]} if reward else {}),
             **{f"{o['record']['name']}_bpb": o["record"]["bpb"]["bits_per_byte"] for o in outs}}
 
 
