@@ -27,7 +27,7 @@ STAGE_ENTRYPOINTS = {
     "sft": ("pipelines.sft.stage:run", "supervised fine-tuning on chat data"),
     "reward": ("pipelines.reward.stage:run", "train the pairwise reward model"),
     "ppo": ("actors.ppo.stage:run", "PPO/GRPO with policy, critic, reward and reference Ray actors"),
-    "eval": ("pipelines.eval.stage:run", "bits per byte on held-out text and greedy samples of every model"),
+    "eval": ("pipelines.eval.stage:run", "bits per byte, lm-eval tasks, samples and reward accuracy of the models"),
     "serve": ("serve.stage:run", "serve the model: OpenAI-compatible API + Gradio chat demo"),
 }
 
