@@ -27,7 +27,8 @@ log = logging.getLogger("raylm")
 FLAG_OVERRIDES = {
     "input": "data.input",
     "data": {"sft": "sft.data", "reward": "reward.data", "ppo": "ppo.prompts"},
-    "model": "serve.model",
+    "model": {"serve": "serve.model", "eval": "eval.models"},
+    "text": "eval.text",
     "host": "serve.host",
     "port": "serve.port",
 }
@@ -74,6 +75,8 @@ def run_stages(ctx: StageContext, stages: list[str]) -> list[dict]:
             progress.start(stage)
             with Timer() as t:
                 summary = fn(ctx) or {}
+            from pipelines.lineage import record_stage
+            record_stage(ctx.run_dir.root, ctx.recipe, stage)  # what the stage read and wrote, as hashes
             progress.done(stage, t.seconds, summary)
             results.append({"stage": stage, "seconds": round(t.seconds, 1), **summary})
     return results
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "jobs":
             from cluster.jobs import jobs_command
             return jobs_command(args)
+        if args.command == "lineage":
+            from pipelines.lineage import lineage_command
+            return lineage_command(args.model_dir)
         if args.command == "k8s":
             from cluster.k8s import k8s_command
             return k8s_command(args)
@@ -106,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx = StageContext(recipe=recipe, run_dir=run_dir, address=args.address,
                            options={"block": not getattr(args, "no_block", False)})
         for stage in stages:
-            resolve_entrypoint(stage)  # a stage that is not built fails here, before Ray starts
+            entrypoint = resolve_entrypoint(stage)  # a stage that is not built fails here, before Ray starts
+            preflight = getattr(sys.modules[entrypoint.__module__], "preflight", None)
+            if preflight is not None:
+                preflight(ctx)  # a stage's own inputs (files, names) are checked before any stage runs
         init_ray(recipe.ray, args.address)
         run_stages(ctx, stages)
         return 0

@@ -14,6 +14,7 @@ STAGE_ENTRYPOINTS = {
     "sft": ("pipelines.sft.stage:run", "supervised fine-tuning on chat data"),
     "reward": ("pipelines.reward.stage:run", "train the pairwise reward model"),
     "ppo": ("actors.ppo.stage:run", "PPO/GRPO with policy, critic, reward and reference Ray actors"),
+    "eval": ("pipelines.eval.stage:run", "bits per byte, lm-eval tasks, samples and reward accuracy of the models"),
     "serve": ("serve.stage:run", "serve the model: OpenAI-compatible API + Gradio chat demo"),
 }
 
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", action="append", metavar="PATH", help="corpus file/dir/URI (repeatable)")
         if stage in ("sft", "reward", "ppo"):
             p.add_argument("--data", metavar="PATH", help="replaces the stage's built-in data")
+        if stage == "eval":
+            p.add_argument("--model", action="append", metavar="DIR", help="HF model dir (repeatable; default: "
+                           "every model of the run); lm-eval tasks: eval.tasks=[NAME,...]")
+            p.add_argument("--text", action="append", metavar="PATH", help="held-out text file/dir (repeatable; "
+                           "default: the data stage's validation split)")
         if stage == "serve":
             p.add_argument("--model", help="HF model dir (default: the run's latest trained model)")
             p.add_argument("--host")
@@ -72,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("k8s", help="render the KubeRay manifests (k8s/overlays/*/generated) from the recipes")
     from cluster.k8s import add_arguments as add_k8s_arguments
     add_k8s_arguments(p)
+    p = sub.add_parser("lineage", help="the chain from a model dir back to the corpus files, checked by hash")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="e.g. runs/tiny-cpu/ppo/model (or a stage dir)")
     p = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?")

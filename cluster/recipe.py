@@ -8,6 +8,7 @@ import yaml
 
 from cluster.config import ConfigError, apply_overrides, atomic_write_text, from_dict, read_yaml, to_dict
 from cluster.schemas.data import DataConfig
+from cluster.schemas.eval import EvalConfig
 from cluster.schemas.model import ModelConfig, TokenizerConfig
 from cluster.schemas.rlhf import PPOConfig, RewardConfig, SFTConfig
 from cluster.schemas.serve import ServeConfig
@@ -37,6 +38,7 @@ class Recipe:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:

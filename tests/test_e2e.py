@@ -1,6 +1,8 @@
-"""The whole pipeline in one command: data -> pretrain -> sft -> reward -> ppo -> serve, then one chat request."""
+"""The whole pipeline in one command: data -> pretrain -> sft -> reward -> ppo -> eval -> serve, then one chat
+request."""
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -30,13 +32,20 @@ def test_raylm_run_whole_pipeline_then_chat(ray_cluster, tmp_path, capsys):
         rc = raylm(["run", "-c", str(RECIPE), "--run-dir", str(run_dir), "--no-block", f"serve.port={port}"])
         assert rc == 0
         err = capsys.readouterr().err
-        for i, stage in enumerate(["data", "pretrain", "sft", "reward", "ppo", "serve"], start=1):
-            assert f"[{i}/6] {stage}: done in" in err
+        for i, stage in enumerate(["data", "pretrain", "sft", "reward", "ppo", "eval", "serve"], start=1):
+            assert f"[{i}/7] {stage}: done in" in err
         assert (run_dir / "config.yaml").is_file()
         assert (run_dir / "data" / "shards" / "manifest.json").is_file()
         for stage in ("pretrain", "sft", "reward", "ppo"):
             assert (run_dir / stage / "model" / "config.json").is_file(), stage
             assert read_metrics(run_dir / stage), f"{stage} wrote no metrics"
+        results = json.loads((run_dir / "eval" / "results.json").read_text())
+        assert [m["name"] for m in results["models"]] == ["pretrain", "sft", "ppo"]
+        assert all(0 < m["bpb"]["bits_per_byte"] < 16 for m in results["models"])
+        assert all("raylm_qa_mc" in m["lm_eval"]["tasks"] for m in results["models"])
+        assert results["reward_model"]["pairs"] > 0
+        assert raylm(["lineage", str(run_dir / "ppo" / "model")]) == 0  # back to the corpus, nothing changed
+        assert "data: OK" in capsys.readouterr().out
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
         models = [m.id for m in client.models.list().data]
         reply = client.chat.completions.create(

@@ -1,0 +1,1 @@
+"""Evaluation of the models a run trains: bits per byte on held-out text, greedy samples, lm-eval tasks."""

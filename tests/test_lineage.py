@@ -1,0 +1,46 @@
+"""Lineage records: a model's chain back to the corpus files by hash, and changes on disk are never silent."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from cluster.cli import main as raylm
+from cluster.recipe import load_recipe
+from pipelines.lineage import chain, record_stage
+
+
+def make_run(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "some document"}) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    for rel, content in [("data/shards/train-00000.parquet", b"shard"), ("data/tokenizer/tokenizer.json", b"{}"),
+                         ("pretrain/model/model.safetensors", b"weights"), ("pretrain/model/config.json", b"{}")]:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(content)
+    recipe = load_recipe(None, [f"data.input=[{corpus}]"])
+    for stage in ("data", "pretrain"):
+        record_stage(run, recipe, stage)
+    return corpus, run, recipe
+
+
+def test_lineage_names_the_corpus_files_by_hash(tmp_path, capsys):
+    corpus, run, _ = make_run(tmp_path)
+    records = chain(run / "pretrain")
+    assert [r["stage"] for r in records] == ["pretrain", "data"]
+    data = records[1]
+    assert data["inputs"] == [{"path": str(corpus), "size": corpus.stat().st_size,
+                               "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}]
+    assert data["recipe"]["input"] == [str(corpus)]
+    assert {e["path"].rsplit("/", 1)[1] for e in records[0]["outputs"]} == {"model.safetensors", "config.json"}
+    assert raylm(["lineage", str(run / "pretrain" / "model")]) == 0
+    out = capsys.readouterr().out
+    assert f"input  {data['inputs'][0]['sha256'][:16]}" in out and str(corpus) in out
+
+
+def test_a_changed_input_or_a_rerun_parent_is_reported(tmp_path, capsys):
+    corpus, run, recipe = make_run(tmp_path)
+    corpus.write_text(json.dumps({"text": "edited"}) + "\n", encoding="utf-8")
+    assert raylm(["lineage", str(run / "pretrain" / "model")]) == 4
+    assert f"changed since recorded: {corpus}" in capsys.readouterr().out
+    record_stage(run, recipe, "data")  # the data stage "reran": pretrain's model came from the old data
+    assert chain(run / "pretrain")[0]["broken_parents"] == ["data"]
