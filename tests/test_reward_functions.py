@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,19 @@ def test_raylm_ppo_with_function_rewards_from_the_command_line(ray_cluster, tmp_
     assert step["reward_mean"] == pytest.approx(want, abs=1e-5)
     assert "reward_model" not in step
     assert main(args[:-1] + ["ppo.reward_functions=[my_rewards.py:shortness]"]) == 1  # fails, naming it
+
+
+def test_builtin_arithmetic_task_and_its_rule_reward(tmp_path):
+    from pipelines.tasks import arithmetic
+
+    assert len(arithmetic.problems()) == 55 and all(a + b <= 9 for a, b in arithmetic.problems())
+    prompts = ["What is 3 + 4?", "What is 3 + 4?", "What is 0 + 0?", "What is 2 + 5?", "Name a colour."]
+    responses = ["The answer is 7.", "The answer is 8, not 7.", "0", "seven", "red"]
+    assert arithmetic.correct(prompts, responses) == [1.0, 0.0, 1.0, 0.0, None]
+    out = arithmetic.write_task(tmp_path, copies=10, correct_fraction=0.3)
+    demos = [json.loads(line) for line in Path(out["sft"]).read_text().splitlines()]
+    right = arithmetic.correct([d["prompt"] for d in demos], [d["response"] for d in demos])
+    assert len(demos) == 550 and 0.2 < sum(right) / len(right) < 0.4  # weak demonstrations, as asked
+    assert len(Path(out["prompts"]).read_text().splitlines()) == 55
+    (fn,) = load_reward_functions(["pipelines.tasks.arithmetic:correct"])
+    assert evaluate(fn, prompts[:2], responses[:2])[0].tolist() == [1.0, 0.0]
