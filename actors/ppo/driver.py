@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from actors import algos
-from actors.group import ActorGroup, plan_placement, wait_ready
+from actors.group import ActorGroup, gather, mean_stats, plan_placement, wait_ready
 from actors.ppo.roles import CriticActor, PolicyActor, ReferenceActor, RewardActor
-from actors.ppo.rollout import concat_batches, pad_left, split_batch
+from actors.ppo.rollout import concat_batches, pad_left
 from cluster.schemas.rlhf import PPOConfig
 
 log = logging.getLogger("raylm")
@@ -104,30 +104,23 @@ class PPOTrainer:
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _generate(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
-        import ray
-
         ids, mask = pad_left(prompts, self.pad_id)
         batch = {"prompt_ids": ids, "prompt_mask": mask}
         if self.rollout_engine is not None:
             return self.rollout_engine.generate(batch, self.policy)
-        parts = ray.get(self.policy.map("generate", split_batch(batch, len(self.policy))))
-        return concat_batches(parts, self.pad_id)
+        return gather(self.policy.scatter("generate", batch), self.pad_id)
 
     def _score(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reward, reference log-probs and values, all roles working at once."""
         import ray
 
-        def launch(group, method):
-            return group.map(method, split_batch(batch, len(group))) if group is not None else None
-
         indexed = {**batch, "index": torch.arange(len(batch["sequences"]))}  # names failing samples
-        reward_refs = self.reward.map("score", split_batch(indexed, len(self.reward)))
-        refs = {"ref_logprobs": launch(self.reference, "logprobs"), "values": launch(self.critic, "values")}
-        out = {}
-        for key, group_refs in refs.items():
-            if group_refs is not None:
-                parts = [{key: t} for t in ray.get(group_refs)]
-                out[key] = concat_batches(parts, self.pad_id)[key]
+        reward_refs = self.reward.scatter("score", indexed)  # all three roles work at once
+        ref_refs = self.reference.scatter("logprobs", batch)
+        value_refs = self.critic.scatter("values", batch) if self.critic is not None else None
+        out = {"ref_logprobs": gather(ref_refs, self.pad_id)}
+        if value_refs is not None:
+            out["values"] = gather(value_refs, self.pad_id)
         reward_parts = ray.get(reward_refs)
         for warning in (w for _, warnings in reward_parts for w in warnings):
             log.warning("%s", warning)
@@ -158,21 +151,14 @@ class PPOTrainer:
                 "truncated_frac": (~ended).float().mean().item(), "score_mean": scores.mean().item()}
 
     def _train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        import ray
-
         kl_coef = self.kl_ctl.value if self.cfg.kl_mode == "loss" else 0.0
         keys = ["sequences", "attention_mask", "response_mask", "logprobs", "advantages", "ref_logprobs"]
-        refs = {"policy": self.policy.map("train", split_batch({k: batch[k] for k in keys}, len(self.policy)),
-                                          kl_coef=kl_coef)}
-        if self.critic is not None:
+        policy_refs = self.policy.scatter("train", {k: batch[k] for k in keys}, kl_coef=kl_coef)
+        critic_refs = None
+        if self.critic is not None:  # policy and critic train at once
             keys = ["sequences", "attention_mask", "response_mask", "values", "returns"]
-            refs["critic"] = self.critic.map("train", split_batch({k: batch[k] for k in keys}, len(self.critic)))
-        stats: dict[str, float] = {}
-        for group_refs in refs.values():
-            parts = ray.get(group_refs)
-            for key in parts[0]:
-                stats[key] = sum(p[key] for p in parts) / len(parts)
-        return stats
+            critic_refs = self.critic.scatter("train", {k: batch[k] for k in keys})
+        return {**mean_stats(policy_refs), **(mean_stats(critic_refs) if critic_refs is not None else {})}
 
     def step(self, prompts: list[list[int]]) -> dict[str, float]:
         """One PPO iteration on ``prompts`` (already repeated ``group_size`` times for GRPO)."""
