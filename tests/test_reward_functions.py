@@ -105,10 +105,10 @@ def test_builtin_arithmetic_task_and_its_rule_reward(tmp_path):
     prompts = ["What is 3 + 4?", "What is 3 + 4?", "What is 0 + 0?", "What is 2 + 5?", "Name a colour."]
     responses = ["The answer is 7.", "The answer is 8, not 7.", "0", "seven", "red"]
     assert arithmetic.correct(prompts, responses) == [1.0, 0.0, 1.0, 0.0, None]
-    out = arithmetic.write_task(tmp_path, copies=10, correct_fraction=0.3)
+    out = arithmetic.write_task(tmp_path, copies=10)
     demos = [json.loads(line) for line in Path(out["sft"]).read_text().splitlines()]
     right = arithmetic.correct([d["prompt"] for d in demos], [d["response"] for d in demos])
-    assert len(demos) == 550 and 0.2 < sum(right) / len(right) < 0.4  # weak demonstrations, as asked
+    assert len(demos) == 550 and 0.4 < sum(right) / len(right) < 0.6  # weak demonstrations, as asked
     assert len(Path(out["prompts"]).read_text().splitlines()) == 55
     (fn,) = load_reward_functions(["pipelines.tasks.arithmetic:correct"])
     assert evaluate(fn, prompts[:2], responses[:2])[0].tolist() == [1.0, 0.0]

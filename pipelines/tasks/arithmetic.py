@@ -3,8 +3,10 @@
 ``python -m pipelines.tasks.arithmetic OUT_DIR`` writes two files:
 
 - ``OUT_DIR/sft.jsonl``: weak demonstrations, ``{"prompt", "response": "The answer is N."}``, where N is right
-  only ``correct_fraction`` of the time (else another digit sum, uniformly). SFT on them teaches the format
-  and leaves the model unsure of the sums: a policy with a low success rate that RL can raise.
+  only ``correct_fraction`` of the time (default half; else another digit sum, uniformly). SFT on them
+  teaches the format and leaves the model unsure of the sums: a policy with a low success rate that RL can
+  raise. (With 30% right answers the tiny default model learned no sum at all in 400 SFT steps: the same
+  answer distribution for every question, which RL cannot lift either; with half it conditions on them.)
 - ``OUT_DIR/prompts.jsonl``: every problem once, the PPO/GRPO prompts.
 
 ``correct`` is the reward function (``ppo.reward_functions: [pipelines.tasks.arithmetic:correct]``): 1.0 when
@@ -33,7 +35,7 @@ def question(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
 
 
-def demonstrations(copies: int = 20, correct_fraction: float = 0.3, max_sum: int = 9, seed: int = 0
+def demonstrations(copies: int = 20, correct_fraction: float = 0.5, max_sum: int = 9, seed: int = 0
                    ) -> list[dict[str, str]]:
     rng = random.Random(seed)
     out = []
@@ -59,7 +61,7 @@ def correct(prompts: list[str], responses: list[str]) -> list[float | None]:
     return out
 
 
-def write_task(out_dir: str | Path, copies: int = 20, correct_fraction: float = 0.3, seed: int = 0) -> dict:
+def write_task(out_dir: str | Path, copies: int = 20, correct_fraction: float = 0.5, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = lambda records: "".join(json.dumps(r) + "\n" for r in records)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--copies", type=int, default=20, help="demonstrations per problem")
-    parser.add_argument("--correct-fraction", type=float, default=0.3, help="share of right answers in them")
+    parser.add_argument("--correct-fraction", type=float, default=0.5, help="share of right answers in them")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(json.dumps(write_task(args.out_dir, args.copies, args.correct_fraction, args.seed)))
