@@ -84,13 +84,14 @@ def test_raylm_ppo_with_function_rewards_from_the_command_line(ray_cluster, tmp_
                                for n in ("dumps", "loads", "dump", "load")))
     (tmp_path / "my_rewards.py").write_text(REWARDS)
     monkeypatch.chdir(tmp_path)  # the file is named relative to the working directory, as a user would
-    args = ["ppo", "--run-dir", str(run_dir.root), "--data", str(prompts), "ppo.algorithm=grpo",
-            "ppo.rollout_batch_size=8", "ppo.group_size=2", "ppo.max_new_tokens=6", "ppo.micro_batch_size=8",
+    # PPO, so the critic starts from the policy's body (there is no reward model to start it from).
+    args = ["ppo", "--run-dir", str(run_dir.root), "--data", str(prompts), "ppo.algorithm=ppo",
+            "ppo.rollout_batch_size=8", "ppo.max_new_tokens=6", "ppo.micro_batch_size=8",
             "ppo.iterations=1", "ppo.use_reward_model=false",
             "ppo.reward_functions=[my_rewards.py:brevity*0.5, my_rewards.py:picky]"]
     assert main(args) == 0
     (step,) = [m for m in read_metrics(run_dir.stage("ppo")) if "reward_mean" in m]
-    assert step["reward_fn_errors"] == 2  # both samples of the `json.loads` group; the other six kept theirs
+    assert step["reward_fn_errors"] == 2  # 8 samples of 4 prompts: `json.loads` twice; the other six kept theirs
     assert step["reward/my_rewards:brevity"] <= 0 and 0 <= step["reward/my_rewards:picky"] <= 0.75
     want = 0.5 * step["reward/my_rewards:brevity"] + step["reward/my_rewards:picky"]
     assert step["reward_mean"] == pytest.approx(want, abs=1e-5)
@@ -101,14 +102,15 @@ def test_raylm_ppo_with_function_rewards_from_the_command_line(ray_cluster, tmp_
 def test_builtin_arithmetic_task_and_its_rule_reward(tmp_path):
     from pipelines.tasks import arithmetic
 
-    assert len(arithmetic.problems()) == 55 and all(a + b <= 9 for a, b in arithmetic.problems())
+    sums = [a + b for a, b in arithmetic.problems()]
+    assert sorted(sums) == sorted(list(range(10)) * 10)  # every answer equally common: guessing scores 10%
     prompts = ["What is 3 + 4?", "What is 3 + 4?", "What is 0 + 0?", "What is 2 + 5?", "Name a colour."]
     responses = ["The answer is 7.", "The answer is 8, not 7.", "0", "seven", "red"]
     assert arithmetic.correct(prompts, responses) == [1.0, 0.0, 1.0, 0.0, None]
     out = arithmetic.write_task(tmp_path, copies=10)
     demos = [json.loads(line) for line in Path(out["sft"]).read_text().splitlines()]
     right = arithmetic.correct([d["prompt"] for d in demos], [d["response"] for d in demos])
-    assert len(demos) == 550 and 0.4 < sum(right) / len(right) < 0.6  # weak demonstrations, as asked
-    assert len(Path(out["prompts"]).read_text().splitlines()) == 55
+    assert len(demos) == 1000 and 0.4 < sum(right) / len(right) < 0.6  # weak demonstrations, as asked
+    assert len(Path(out["prompts"]).read_text().splitlines()) == 100
     (fn,) = load_reward_functions(["pipelines.tasks.arithmetic:correct"])
     assert evaluate(fn, prompts[:2], responses[:2])[0].tolist() == [1.0, 0.0]

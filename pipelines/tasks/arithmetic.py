@@ -7,7 +7,7 @@
   teaches the format and leaves the model unsure of the sums: a policy with a low success rate that RL can
   raise. (With 30% right answers the tiny default model learned no sum at all in 400 SFT steps: the same
   answer distribution for every question, which RL cannot lift either; with half it conditions on them.)
-- ``OUT_DIR/prompts.jsonl``: every problem once, the PPO/GRPO prompts.
+- ``OUT_DIR/prompts.jsonl``: every problem once (100: ten per sum 0-9), the PPO/GRPO prompts.
 
 ``correct`` is the reward function (``ppo.reward_functions: [pipelines.tasks.arithmetic:correct]``): 1.0 when
 the first integer of the response is the sum, else 0.0; its mean over a batch is the success rate.
@@ -26,16 +26,20 @@ QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
 INTEGER = re.compile(r"-?\d+")
 
 
-def problems(max_sum: int = 9) -> list[tuple[int, int]]:
-    """Every (a, b) of digits with a + b <= ``max_sum``: 55 problems for the default single-digit sums."""
-    return [(a, b) for a in range(10) for b in range(10) if a + b <= max_sum]
+def problems(max_sum: int = 9, per_sum: int = 10) -> list[tuple[int, int]]:
+    """Digit pairs (a, b), ``per_sum`` of them for each sum 0..``max_sum`` (the s + 1 pairs of sum s, cycled).
+
+    Every answer is equally common, so answering one constant scores 1 / (max_sum + 1): a policy can only do
+    better by reading the question. (Over all 55 pairs the sums 6-9 are 62% of the problems, and a PPO policy
+    did learn to answer 6, 7 or 9 to most questions.)"""
+    return [(a, s - a) for s in range(max_sum + 1) for a in (list(range(s + 1)) * per_sum)[:per_sum]]
 
 
 def question(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
 
 
-def demonstrations(copies: int = 20, correct_fraction: float = 0.5, max_sum: int = 9, seed: int = 0
+def demonstrations(copies: int = 11, correct_fraction: float = 0.5, max_sum: int = 9, seed: int = 0
                    ) -> list[dict[str, str]]:
     rng = random.Random(seed)
     out = []
@@ -61,7 +65,7 @@ def correct(prompts: list[str], responses: list[str]) -> list[float | None]:
     return out
 
 
-def write_task(out_dir: str | Path, copies: int = 20, correct_fraction: float = 0.5, seed: int = 0) -> dict:
+def write_task(out_dir: str | Path, copies: int = 11, correct_fraction: float = 0.5, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = lambda records: "".join(json.dumps(r) + "\n" for r in records)
@@ -74,7 +78,7 @@ def write_task(out_dir: str | Path, copies: int = 20, correct_fraction: float = 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--copies", type=int, default=20, help="demonstrations per problem")
+    parser.add_argument("--copies", type=int, default=11, help="demonstrations per problem")
     parser.add_argument("--correct-fraction", type=float, default=0.5, help="share of right answers in them")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
