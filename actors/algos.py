@@ -135,16 +135,48 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) ->
     return ((groups - groups.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
 
 
+def has_eos(responses: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per row: did the response end with EOS (False: it was cut at the length cap)? ([B, T] -> [B] bool)"""
+    return ((responses == eos_id) & mask.bool()).any(-1)
+
+
+def adjust_scores(scores: torch.Tensor, ended: torch.Tensor, *, missing_eos_penalty: float = 0.0,
+                  whiten: bool = False, clip: float | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """Sequence scores as the policy is trained on them, in this order: whitened over the batch (zero mean,
+    unit std: the KL penalty then weighs against a reward of fixed scale), clipped to ``[-clip, clip]``, and
+    ``missing_eos_penalty`` subtracted from rows that did not end with EOS (``ended`` False), so running into
+    the length cap costs the same whatever the reward scale."""
+    out = scores.float()
+    if whiten and out.numel() > 1:
+        out = (out - out.mean()) / (out.std() + eps)
+    if clip is not None:
+        out = out.clamp(-clip, clip)
+    return out - missing_eos_penalty * (~ended.bool()).float()
+
+
 @dataclass
 class KLController:
-    """KL coefficient: fixed, or adapted towards a target KL (Ziegler et al. 2019, proportional control)."""
+    """The KL coefficient: fixed (``target`` None), or adapted towards a target KL per response by proportional
+    control (Ziegler et al. 2019; OpenRLHF's and TRL's ``AdaptiveKLController``).
+
+    After each batch of ``n_steps`` samples whose mean KL per response was ``current_kl``:
+    ``value *= 1 + clip(current_kl / target - 1, -0.2, 0.2) * n_steps / horizon``. Above the target the
+    coefficient grows (the penalty bites harder), below it shrinks; ``horizon`` (in samples) sets the speed:
+    the coefficient moves by at most 20% per ``horizon`` samples.
+
+    ``min_value`` (ours; 0 = the standard controller) is a floor. Early in a run the policy is still close to the
+    reference (KL 0 at the first iteration), so the standard controller keeps shrinking the coefficient and
+    the KL later overshoots the target while it climbs back; in a run of tens of iterations that overshoot is
+    most of the run. A floor at the starting coefficient keeps the penalty bounded below.
+    """
 
     value: float
     target: float | None = None  # None: fixed coefficient
     horizon: int = 10000
+    min_value: float = 0.0
 
     def update(self, current_kl: float, n_steps: int) -> float:
         if self.target is not None:
             error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-            self.value *= 1.0 + error * n_steps / self.horizon
+            self.value = max(self.value * (1.0 + error * n_steps / self.horizon), self.min_value)
         return self.value

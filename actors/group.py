@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from actors.ppo.rollout import concat_batches, split_batch
 from cluster.schemas.rlhf import PPOConfig, RoleConfig
 
 
@@ -108,8 +111,31 @@ class ActorGroup:
             raise ValueError(f"{self.name}: {len(shards)} shards for {len(self.actors)} replicas")
         return [getattr(a, method).remote(s, **kwargs) for a, s in zip(self.actors, shards)]
 
+    def scatter(self, method: str, batch: dict[str, torch.Tensor], **kwargs) -> list:
+        """Row shards of ``batch`` in order, replica i gets shard i; returns object refs (for ``gather``)."""
+        return self.map(method, split_batch(batch, len(self)), **kwargs)
+
     def kill(self) -> None:
         import ray
 
         for a in self.actors:
             ray.kill(a)
+
+
+def gather(refs: list, pad_id: int):
+    """Wait for shard results and concatenate them in order: dicts of tensors -> one dict (length dims right-
+    padded with ``pad_id``/0), bare tensors -> one tensor."""
+    import ray
+
+    parts = ray.get(refs)
+    if isinstance(parts[0], torch.Tensor):
+        return concat_batches([{"_": p} for p in parts], pad_id)["_"]
+    return concat_batches(parts, pad_id)
+
+
+def mean_stats(refs: list) -> dict[str, float]:
+    """Wait for per-replica stats dicts and average them key by key."""
+    import ray
+
+    parts = ray.get(refs)
+    return {key: sum(p[key] for p in parts) / len(parts) for key in parts[0]}

@@ -198,3 +198,30 @@ def test_kl_controller_fixed_and_adaptive():
     before = ctl.value
     ctl.update(5.4, 500)  # error -0.1
     assert ctl.value == pytest.approx(before * (1 - 0.1 * 500 / 10000), abs=TOL)
+
+
+def test_kl_controller_drives_a_simulated_kl_to_its_target():
+    # A toy "policy" whose KL falls as the penalty rises (KL = 2 / coef): the loop settles at the target.
+    ctl = algos.KLController(0.05, target=4.0, horizon=64)
+    for _ in range(400):
+        ctl.update(2.0 / ctl.value, 16)
+    assert 2.0 / ctl.value == pytest.approx(4.0, rel=0.05)
+    floored = algos.KLController(0.05, target=4.0, horizon=64, min_value=0.04)
+    for _ in range(50):
+        floored.update(0.0, 16)  # KL far below the target: the standard controller would shrink it to ~0
+    assert floored.value == 0.04
+
+
+def test_has_eos_and_adjust_scores():
+    responses = torch.tensor([[5, 2, 0], [5, 6, 7], [2, 0, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    ended = algos.has_eos(responses, mask, eos_id=2)
+    assert ended.tolist() == [True, False, True]
+    assert not algos.has_eos(torch.tensor([[5, 6, 2]]), torch.tensor([[1, 1, 0]]), eos_id=2).item()  # padding
+    scores = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)
+    assert algos.adjust_scores(scores, ended).tolist() == [1.0, 3.0, 5.0]
+    assert algos.adjust_scores(scores, ended, missing_eos_penalty=0.5).tolist() == [1.0, 2.5, 5.0]
+    whitened = algos.adjust_scores(scores, ended, whiten=True)
+    assert whitened.tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)  # mean 3, unbiased std 2
+    got = algos.adjust_scores(scores, ended, whiten=True, clip=0.5, missing_eos_penalty=1.0)
+    assert got.tolist() == pytest.approx([-0.5, -1.0, 0.5], abs=1e-6)  # whiten, clip, then the penalty

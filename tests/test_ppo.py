@@ -90,8 +90,11 @@ def test_four_roles_two_iterations(ray_cluster, tiny_models):
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)
     assert second["kl"] > 1e-6
     for key in ("reward_mean", "reward_std", "entropy", "clip_frac", "value_loss", "response_len", "samples_per_s",
-                "time_generate", "time_score", "time_train", "time_sync"):
+                "time_generate", "time_score", "time_train", "time_sync", "truncated_frac", "score_mean"):
         assert key in second
+    # The adaptive KL controller is on by default: both iterations report the target and the coefficient used.
+    assert first["kl_target"] == second["kl_target"] == cfg.kl_target and first["kl_coef"] == cfg.kl_coef
+    assert second["kl_coef"] < first["kl_coef"]  # KL 0 < target after iteration 1: the coefficient shrank
 
 
 @pytest.mark.ray

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from actors import algos
-from actors.group import ActorGroup, plan_placement, wait_ready
+from actors.group import ActorGroup, gather, mean_stats, plan_placement, wait_ready
 from actors.ppo.roles import CriticActor, PolicyActor, ReferenceActor, RewardActor
-from actors.ppo.rollout import concat_batches, pad_left, split_batch
+from actors.ppo.rollout import concat_batches, pad_left
 from cluster.schemas.rlhf import PPOConfig
 
 log = logging.getLogger("raylm")
@@ -66,7 +66,12 @@ def role_config(cfg: PPOConfig, lr: float) -> dict:
 class PPOTrainer:
     """Owns the role groups of one PPO/GRPO run."""
 
-    def __init__(self, cfg: PPOConfig, policy_dir: str, reward_dir: str, *, seed: int = 0, pad_id: int):
+    def __init__(self, cfg: PPOConfig, policy_dir: str, reward_dir: str | None, *, seed: int = 0, pad_id: int,
+                 reward_functions: list | None = None):
+        """``reward_dir`` None: no reward model (``use_reward_model: false``); ``reward_functions``: loaded by
+        ``actors.ppo.reward_functions.load_reward_functions`` (before Ray starts, so bad entries fail early)."""
+        import ray
+
         self.cfg, self.seed, self.pad_id = cfg, seed, pad_id
         self.grpo = cfg.algorithm == "grpo"
         roles = ("policy", "reference", "reward") + (() if self.grpo else ("critic",))
@@ -78,14 +83,19 @@ class PPOTrainer:
                                  lambda r, n: ((str(policy_dir), policy_cfg, r, n, seed), {}), "policy")
         self.reference = ActorGroup(ReferenceActor, plan["reference"],
                                     lambda r, n: ((str(policy_dir), policy_cfg), {}), "reference")
-        self.reward = ActorGroup(RewardActor, plan["reward"], lambda r, n: ((str(reward_dir), policy_cfg), {}),
-                                 "reward")
+        functions = list(reward_functions or [])
+        reward_dir = str(reward_dir) if reward_dir is not None else None
+        self.reward = ActorGroup(RewardActor, plan["reward"],
+                                 lambda r, n: ((reward_dir, str(policy_dir), policy_cfg, functions), {}), "reward")
+        critic_dir = reward_dir or str(policy_dir)  # no reward model: the policy's body with a fresh value head
         self.critic = None if self.grpo else ActorGroup(
-            CriticActor, plan["critic"], lambda r, n: ((str(reward_dir), critic_cfg, r, n, seed), {}), "critic")
+            CriticActor, plan["critic"], lambda r, n: ((critic_dir, critic_cfg, r, n, seed), {}), "critic")
         self.trainable = [g for g in (self.policy, self.critic) if g is not None]
         for group in self.trainable:
             group.setup_distributed()
-        self.kl_ctl = algos.KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+        self.kl_ctl = algos.KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon,
+                                         cfg.kl_coef_min)
+        self.eos_id = ray.get(self.policy.actors[0].special_ids.remote())[1]
         self.rollout_engine = None
         if cfg.rollout_engine == "vllm":
             from actors.ppo.vllm_engine import VLLMRollout
@@ -94,64 +104,61 @@ class PPOTrainer:
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _generate(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
-        import ray
-
         ids, mask = pad_left(prompts, self.pad_id)
         batch = {"prompt_ids": ids, "prompt_mask": mask}
         if self.rollout_engine is not None:
             return self.rollout_engine.generate(batch, self.policy)
-        parts = ray.get(self.policy.map("generate", split_batch(batch, len(self.policy))))
-        return concat_batches(parts, self.pad_id)
+        return gather(self.policy.scatter("generate", batch), self.pad_id)
 
     def _score(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reward, reference log-probs and values, all roles working at once."""
         import ray
 
-        def launch(group, method):
-            return group.map(method, split_batch(batch, len(group))) if group is not None else None
-
-        refs = {"scores": launch(self.reward, "score"), "ref_logprobs": launch(self.reference, "logprobs"),
-                "values": launch(self.critic, "values")}
-        out = {}
-        for key, group_refs in refs.items():
-            if group_refs is not None:
-                parts = [{key: t} for t in ray.get(group_refs)]
-                out[key] = concat_batches(parts, self.pad_id)[key]
+        indexed = {**batch, "index": torch.arange(len(batch["sequences"]))}  # names failing samples
+        reward_refs = self.reward.scatter("score", indexed)  # all three roles work at once
+        ref_refs = self.reference.scatter("logprobs", batch)
+        value_refs = self.critic.scatter("values", batch) if self.critic is not None else None
+        out = {"ref_logprobs": gather(ref_refs, self.pad_id)}
+        if value_refs is not None:
+            out["values"] = gather(value_refs, self.pad_id)
+        reward_parts = ray.get(reward_refs)
+        for warning in (w for _, warnings in reward_parts for w in warnings):
+            log.warning("%s", warning)
+        out.update(concat_batches([scores for scores, _ in reward_parts], self.pad_id))
+        out["reward_fn_errors"] = torch.tensor(sum(len(warnings) for _, warnings in reward_parts))
         return out
 
     def _advantages(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Fold the KL penalty in and compute advantages (GAE, or GRPO's group-relative scores) in place."""
+        """Adjust the scores (whitening, clipping, missing-EOS penalty), fold the KL penalty in and compute
+        advantages (GAE, or GRPO's group-relative scores) in place."""
         cfg, mask = self.cfg, batch["response_mask"].float()
+        responses = batch["sequences"][:, -mask.shape[1]:]
+        ended = algos.has_eos(responses, mask, self.eos_id)
+        scores = algos.adjust_scores(batch["scores"], ended, missing_eos_penalty=cfg.missing_eos_penalty,
+                                     whiten=cfg.whiten_scores, clip=cfg.score_clip)
         kl = algos.kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
         coef = self.kl_ctl.value if cfg.kl_mode == "reward" else 0.0
         if self.grpo:
-            scores = batch["scores"] - coef * kl.sum(-1)
-            adv = algos.grpo_advantages(scores, cfg.group_size).unsqueeze(-1) * mask
+            adv = algos.grpo_advantages(scores - coef * kl.sum(-1), cfg.group_size).unsqueeze(-1) * mask
         else:
-            rewards = algos.shape_rewards(batch["scores"], kl, mask, coef)
+            rewards = algos.shape_rewards(scores, kl, mask, coef)
             adv, batch["returns"] = algos.gae(rewards, batch["values"] * mask, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 adv = algos.masked_whiten(adv, mask)
         batch["advantages"] = adv
         seq_kl = kl.sum(-1)
-        return {"kl": seq_kl.mean().item(), "kl_per_token": algos.masked_mean(kl, mask).item()}
+        return {"kl": seq_kl.mean().item(), "kl_per_token": algos.masked_mean(kl, mask).item(),
+                "truncated_frac": (~ended).float().mean().item(), "score_mean": scores.mean().item()}
 
     def _train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        import ray
-
         kl_coef = self.kl_ctl.value if self.cfg.kl_mode == "loss" else 0.0
         keys = ["sequences", "attention_mask", "response_mask", "logprobs", "advantages", "ref_logprobs"]
-        refs = {"policy": self.policy.map("train", split_batch({k: batch[k] for k in keys}, len(self.policy)),
-                                          kl_coef=kl_coef)}
-        if self.critic is not None:
+        policy_refs = self.policy.scatter("train", {k: batch[k] for k in keys}, kl_coef=kl_coef)
+        critic_refs = None
+        if self.critic is not None:  # policy and critic train at once
             keys = ["sequences", "attention_mask", "response_mask", "values", "returns"]
-            refs["critic"] = self.critic.map("train", split_batch({k: batch[k] for k in keys}, len(self.critic)))
-        stats: dict[str, float] = {}
-        for group_refs in refs.values():
-            parts = ray.get(group_refs)
-            for key in parts[0]:
-                stats[key] = sum(p[key] for p in parts) / len(parts)
-        return stats
+            critic_refs = self.critic.scatter("train", {k: batch[k] for k in keys})
+        return {**mean_stats(policy_refs), **(mean_stats(critic_refs) if critic_refs is not None else {})}
 
     def step(self, prompts: list[list[int]]) -> dict[str, float]:
         """One PPO iteration on ``prompts`` (already repeated ``group_size`` times for GRPO)."""
@@ -167,9 +174,14 @@ class PPOTrainer:
             self.rollout_engine.sync_weights(self.policy)
         t4 = time.perf_counter()
         scores, lengths = batch["scores"], batch["response_mask"].sum(-1).float()
+        parts = {k: batch[k].mean().item() for k in batch if k == "reward_model" or k.startswith("reward/")}
+        if self.cfg.reward_functions:
+            parts["reward_fn_errors"] = int(batch["reward_fn_errors"])
+        kl_coef = self.kl_ctl.value  # the coefficient this batch was shaped with; update() sets the next one
         self.kl_ctl.update(kl_stats["kl"], len(prompts))
         return {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-                **kl_stats, **train_stats, "kl_coef": self.kl_ctl.value,
+                **parts, **kl_stats, **train_stats, "kl_coef": kl_coef,
+                **({"kl_target": self.kl_ctl.target} if self.kl_ctl.target is not None else {}),
                 "response_len": lengths.mean().item(), "samples_per_s": len(prompts) / (t4 - t0),
                 "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2, "time_sync": t4 - t3}
 

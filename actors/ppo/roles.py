@@ -165,12 +165,18 @@ class PolicyActor(_TrainableRole):
 
 
 class CriticActor(_TrainableRole):
-    """The trainable value model, initialised from the reward model (same body + scalar head)."""
+    """The trainable value model, initialised from the reward model (same body + scalar head), or from the
+    policy's body and a fresh head when there is no reward model (function rewards only)."""
 
     def load_model(self):
-        from pipelines.reward.model import load_reward_model
+        from transformers import AutoConfig
 
-        return load_reward_model(self.model_dir)
+        from pipelines.reward.model import init_reward_model, load_reward_model
+
+        architectures = AutoConfig.from_pretrained(self.model_dir).architectures or []
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            return load_reward_model(self.model_dir)
+        return init_reward_model(self.model_dir)
 
     def values(self, batch: Batch) -> torch.Tensor:
         self.engine.module.eval()
@@ -208,20 +214,59 @@ class _FrozenRole:
         return float(sum(p.abs().sum().item() for p in self.model.parameters()))
 
 
-class RewardActor(_FrozenRole):
-    """The frozen reward model: one scalar per (prompt + response)."""
+class RewardActor:
+    """The reward: the frozen reward model's score (one scalar per prompt + response), plus the weighted
+    ``ppo.reward_functions`` over the decoded texts (``actors.ppo.reward_functions``), or the functions alone."""
 
-    def load_model(self):
+    def __init__(self, model_dir: str | None, tokenizer_dir: str, cfg: dict[str, Any], functions: list):
         from pipelines.reward.model import load_reward_model
 
-        return load_reward_model(self.model_dir)
+        self.cfg, self.functions = cfg, list(functions)
+        self.model = None
+        if model_dir is not None:
+            self.model = load_reward_model(model_dir).to(_device()).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        self.tokenizer = None
+        if self.functions:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def param_checksum(self) -> float:
+        return float(sum(p.abs().sum().item() for p in self.model.parameters())) if self.model is not None else 0.0
+
+    def texts(self, batch: Batch) -> tuple[list[str], list[str]]:
+        """Prompts and responses as strings, special tokens (chat markers, EOS, padding) dropped."""
+        width = batch["response_mask"].shape[1]
+        seq, attn = batch["sequences"], batch["attention_mask"].bool()
+        decode = lambda ids: self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+        prompts = [decode(row[:-width][m[:-width]]) for row, m in zip(seq, attn)]
+        responses = [decode(row[-width:][m[-width:]]) for row, m in zip(seq, attn)]
+        return prompts, responses
 
     @torch.no_grad()
-    def score(self, batch: Batch) -> torch.Tensor:
+    def score(self, batch: Batch) -> tuple[Batch, list[str]]:
+        """{"scores": the total, "reward_model": its part, "reward/<fn>": each function's raw values} and the
+        warnings of samples a function failed on (named by ``batch["index"]``, their place in the iteration)."""
+        from actors.ppo.reward_functions import evaluate
         from pipelines.reward.model import sequence_scores
 
-        b = _to(batch, _device())
-        return sequence_scores(self.model, b["sequences"], b["attention_mask"]).cpu()
+        n = batch["sequences"].shape[0]
+        parts, warnings = {}, []
+        total = torch.zeros(n)
+        if self.model is not None:
+            b = _to(batch, _device())
+            parts["reward_model"] = sequence_scores(self.model, b["sequences"], b["attention_mask"]).float().cpu()
+            total += parts["reward_model"]
+        if self.functions:
+            prompts, responses = self.texts(batch)
+            for f in self.functions:
+                values, errors = evaluate(f, prompts, responses, batch["index"].tolist())
+                parts[f"reward/{f.name}"] = values
+                total += f.weight * values
+                warnings += errors
+        return {"scores": total, **parts}, warnings
 
 
 class ReferenceActor(_FrozenRole):

@@ -27,10 +27,12 @@ def run(ctx: StageContext) -> dict:
 
     from actors.ppo.driver import PPOTrainer
     from actors.ppo.loop import run_iterations
+    from actors.ppo.reward_functions import load_reward_functions
 
     cfg, recipe = ctx.recipe.ppo, ctx.recipe
     policy_dir = ctx.run_dir.require_model("sft", "ppo")
-    reward_dir = ctx.run_dir.require_model("reward", "ppo")
+    reward_dir = ctx.run_dir.require_model("reward", "ppo") if cfg.use_reward_model else None
+    functions = load_reward_functions(cfg.reward_functions)  # a bad entry fails here, before Ray starts
     if cfg.rollout_engine == "vllm":
         from actors.ppo.vllm_engine import require_vllm
 
@@ -41,7 +43,11 @@ def run(ctx: StageContext) -> dict:
     log.info("ppo: %s with %d prompts from %s", cfg.algorithm, len(prompts), cfg.prompts or "the built-in questions")
     init_ray(recipe.ray, ctx.address)
     stage_dir, model_dir = ctx.stage_dir("ppo"), ctx.run_dir.model_dir("ppo")
-    trainer = PPOTrainer(cfg, str(policy_dir), str(reward_dir), seed=recipe.seed, pad_id=tokenizer.pad_token_id)
+    if functions:
+        log.info("ppo: reward = %s", " + ".join((["reward model"] if reward_dir else [])
+                                               + [f"{f.weight:g} * {f.name}" for f in functions]))
+    trainer = PPOTrainer(cfg, str(policy_dir), reward_dir, seed=recipe.seed, pad_id=tokenizer.pad_token_id,
+                         reward_functions=functions)
     try:
         result = run_iterations(trainer, cfg, prompts, stage_dir, seed=recipe.seed)
         trainer.export(model_dir)

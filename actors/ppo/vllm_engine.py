@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.ppo.rollout import concat_batches, response_mask, split_batch
+from actors.group import gather
+from actors.ppo.rollout import response_mask
 
 
 def require_vllm() -> None:
@@ -76,8 +77,7 @@ class VLLMRollout:
         resp_mask = response_mask(resp, eos_id) * (resp != pad_id).long()
         batch = {"sequences": torch.cat([ids, resp.masked_fill(resp_mask == 0, pad_id)], 1),
                  "attention_mask": torch.cat([mask, resp_mask], 1), "response_mask": resp_mask}
-        parts = ray.get(policy.map("rollout_logprobs", split_batch(batch, len(policy))))
-        batch["logprobs"] = concat_batches([{"logprobs": p} for p in parts], pad_id)["logprobs"]
+        batch["logprobs"] = gather(policy.scatter("rollout_logprobs", batch), pad_id)
         return batch
 
     def sync_weights(self, policy) -> None:

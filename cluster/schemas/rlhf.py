@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,38 @@ class RoleConfig:
             raise ValueError(f"replicas: must be >= 1, got {self.replicas}")
 
 
+@dataclass(frozen=True)
+class RewardFunctionSpec:
+    """One entry of ``ppo.reward_functions``: ``path/to/file.py:function`` or ``module:function``, optionally
+    followed by ``*weight``."""
+
+    source: str  # a .py file (relative to the working directory) or an importable module
+    function: str
+    weight: float = 1.0
+
+    @property
+    def is_file(self) -> bool:
+        return self.source.endswith(".py")
+
+    @classmethod
+    def parse(cls, text: str, key: str = "ppo.reward_functions") -> RewardFunctionSpec:
+        body, star, weight_text = text.rpartition("*") if "*" in text else (text, "", "")
+        weight = 1.0
+        if star:
+            try:
+                weight = float(weight_text)
+                if not math.isfinite(weight):
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"{key}: {text!r}: the weight after '*' must be a number, got {weight_text!r}"
+                                 ) from None
+        source, colon, function = body.rpartition(":")
+        if not colon or not source or not function.isidentifier():
+            raise ValueError(f"{key}: {text!r}: expected path/to/file.py:function or module:function "
+                             f"(optionally *weight)")
+        return cls(source=source, function=function, weight=weight)
+
+
 @dataclass(kw_only=True)
 class PPOConfig:
     algorithm: Literal["ppo", "grpo"] = "ppo"
@@ -56,10 +89,16 @@ class PPOConfig:
     kl_coef: float = 0.05
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_mode: Literal["reward", "loss"] = "reward"
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
+    adaptive_kl: bool = True  # proportional control of kl_coef towards kl_target (algos.KLController)
+    kl_target: float = 6.0  # nats per response (summed over its tokens), the mean over a batch
+    kl_horizon: int = 10000  # samples; kl_coef moves by at most 20% per horizon
+    kl_coef_min: float = 0.0  # a floor for the adapted kl_coef (0: the standard controller)
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut at max_new_tokens
+    whiten_scores: bool = False  # scores -> zero mean, unit std over each batch (before the KL penalty)
+    score_clip: float | None = None  # clip scores (after whitening) to [-score_clip, score_clip]
     whiten_advantages: bool = True
+    reward_functions: list[str] = field(default_factory=list)  # "file.py:fn", "module:fn", "...:fn*0.5"
+    use_reward_model: bool = True  # false: the reward is the functions alone (no reward model is loaded)
     rollout_engine: Literal["hf", "vllm"] = "hf"
     vllm_engines: int = 1  # rollout_engine=vllm: engine actors (GPU recipes only)
     vllm_tensor_parallel: int = 1
@@ -85,8 +124,11 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef: must be >= 0, got {self.kl_coef}")
+        for name in ("kl_coef", "kl_coef_min", "missing_eos_penalty"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.score_clip is not None and self.score_clip <= 0:
+            raise ValueError(f"score_clip: must be > 0 (or null: no clipping), got {self.score_clip}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.zero_stage not in (0, 1, 2):
@@ -98,8 +140,15 @@ class PPOConfig:
             if self.rollout_batch_size % self.group_size:
                 raise ValueError(f"group_size: rollout_batch_size={self.rollout_batch_size} must be a multiple of "
                                  f"group_size={self.group_size} for GRPO")
+        _ = self.reward_specs  # parses every entry: a bad one fails here, naming it
+        if not self.use_reward_model and not self.reward_functions:
+            raise ValueError("use_reward_model: false needs at least one entry in ppo.reward_functions")
         for role in ("policy", "critic", "reward", "reference"):
             replicas = getattr(self, role).replicas
             if self.rollout_batch_size % replicas:
                 raise ValueError(f"{role}.replicas: rollout_batch_size={self.rollout_batch_size} must split evenly "
                                  f"over {replicas} replicas")
+
+    @property
+    def reward_specs(self) -> list[RewardFunctionSpec]:
+        return [RewardFunctionSpec.parse(text, f"reward_functions[{i}]") for i, text in enumerate(self.reward_functions)]
