@@ -87,6 +87,11 @@ class VLLMEngine:
                                **{"disable_log_stats": True, **engine_args})
         self.engine = AsyncLLM.from_engine_args(args)
         self.stream_interval = stream_interval
+        try:  # vLLM's "the request's fault" errors (a 4xx in its own server); older releases raise ValueError
+            from vllm.exceptions import VLLMClientError
+            self.client_errors: tuple = (VLLMClientError,)
+        except ImportError:
+            self.client_errors = ()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Yields Deltas as vLLM produces tokens, ``stream_interval`` steps merged per message after the first;
@@ -107,10 +112,10 @@ class VLLMEngine:
                     pending, steps, sent = None, 0, True
                 if finished:
                     return
-        except ValueError as exc:  # vLLM's own input checks (a prompt longer than the context, ...)
-            raise RequestError(f"vllm: {exc}") from None
         except (RequestError, asyncio.CancelledError, GeneratorExit):
             raise
+        except (ValueError, *self.client_errors) as exc:  # the request's fault (prompt past the context, ...)
+            raise RequestError(f"vllm: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - vLLM's error types may not unpickle in the ingress (no vllm)
             raise RuntimeError(f"vllm engine: {type(exc).__name__}: {exc}") from None
         finally:
@@ -121,7 +126,7 @@ class VLLMEngine:
     def _delta(self, out, prompt_ids: list[int], params: SamplingParams, count: int) -> tuple[Delta, int]:
         """One vLLM RequestOutput (DELTA kind) as our Delta; ``count``: completion tokens so far."""
         prompt = None
-        if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None and out.prompt_logprobs:  # on the first output only
             prompt = [_entry(t, pos, params.prompt_logprobs) for t, pos in zip(prompt_ids, out.prompt_logprobs)]
         if params.max_tokens == 0:  # the prompt was all that was asked for
             return Delta("", 0, "length", [] if params.logprobs is not None else None, prompt), 0
