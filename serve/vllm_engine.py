@@ -102,8 +102,10 @@ class VLLMEngine:
         outputs = self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), to_vllm_params(params),
                                        request_id)
         finished, pending, steps, sent, count = False, None, 0, False, 0
+        done_in_vllm = False  # max_tokens 0 finishes ours before vLLM's (it generates one token we drop)
         try:
             async for out in outputs:
+                done_in_vllm = out.finished
                 delta, count = self._delta(out, prompt_ids, params, count)
                 finished = delta.finish_reason is not None
                 pending, steps = merge(pending, delta), steps + 1
@@ -119,7 +121,7 @@ class VLLMEngine:
         except Exception as exc:  # noqa: BLE001 - vLLM's error types may not unpickle in the ingress (no vllm)
             raise RuntimeError(f"vllm engine: {type(exc).__name__}: {exc}") from None
         finally:
-            if not finished:
+            if not done_in_vllm:
                 await outputs.aclose()  # vLLM aborts the request when its stream is closed early
                 await self.engine.abort(request_id)
 

@@ -45,9 +45,10 @@ def vllm_app(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-vllm")
     # head_dim 64 (dim 256, 4 heads): vLLM's CPU attention has no kernels for the 16 of the usual tiny model
     model = build_tiny_chat_model(tmp / "model", dim=256)
-    os.environ["RAYLM_VLLM_TEST_KEY"] = API_KEY
+    key_file = tmp / "api-key"  # a file: the replicas' environment was fixed when the session cluster started
+    key_file.write_text(API_KEY)
     overrides = [
-        "serve.engine=vllm", f"serve.engine_python={VLLM_PYTHON}", "serve.api_key_env=RAYLM_VLLM_TEST_KEY",
+        "serve.engine=vllm", f"serve.engine_python={VLLM_PYTHON}", f"serve.api_key_file={key_file}",
         "serve.demo=false", "serve.max_prompt_tokens=64", "serve.max_new_tokens=16",
         "serve.autoscaling.max_replicas=1", "serve.engine_args.dtype=float32",
         "serve.engine_env.VLLM_CPU_KVCACHE_SPACE='1'", "serve.engine_env.VLLM_CPU_OMP_THREADS_BIND=nobind",
