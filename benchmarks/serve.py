@@ -3,7 +3,8 @@ when a Python with vllm is given), same model, same machine, same chat requests,
 
     .venv/bin/python benchmarks/serve.py                                 # a random Llama of the tiny-cpu shape
     .venv/bin/python benchmarks/serve.py --model runs/tiny-cpu/ppo/model --requests 512
-    .venv/bin/python benchmarks/serve.py --vllm-python /opt/vllm-cpu/bin/python
+    .venv/bin/python benchmarks/serve.py --vllm-python ~/.cache/raylm/vllm-venv/bin/python   # + vLLM's server and
+                                                 # raylm with serve.engine=vllm (python -m serve.vllm_engine --setup)
 
 Each server gets the same requests (greedy, so every server generates the same tokens), streamed, at each
 concurrency level (--concurrency, default 1,4,16,64). Output tokens are the usage a server reports at the end of
@@ -125,7 +126,7 @@ def subprocess_server(cmd: list[str], health: str, env: dict | None = None):
     return stop
 
 
-def run_raylm(model_dir: Path, args, count) -> dict:
+def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[str] = ()) -> dict:
     import ray
     from ray import serve
 
@@ -139,11 +140,11 @@ def run_raylm(model_dir: Path, args, count) -> dict:
                  f"serve.max_new_tokens={args.max_tokens}",
                  "serve.max_batch_size=64", "serve.max_ongoing_requests=96", "serve.max_pending_requests=256",
                  "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                 f"ray.num_cpus={(args.threads or 1) + 2}", *args.raylm_override]
+                 f"ray.num_cpus={(args.threads or 1) + 2}", *engine, *args.raylm_override]
     recipe = load_recipe(None, overrides)
     info = deploy(StageContext(recipe=recipe, run_dir=RunDir.create(Path(tempfile.mkdtemp()) / "run")))
     try:
-        return measure("raylm", info["api"], "raylm", args.levels, args.requests, args.max_tokens, count)
+        return measure(name, info["api"], "raylm", args.levels, args.requests, args.max_tokens, count)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -163,12 +164,23 @@ def run_transformers(model_dir: Path, args, count) -> dict:
         stop()
 
 
+# vllm-cpu 0.29 takes "auto", "nobind" or CPU lists (no "all"); its KV cache is reserved up front: keep it small
+VLLM_CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def raylm_vllm_overrides(args) -> list[str]:
+    """raylm's ingress in front of vLLM's engine (serve.engine=vllm), the same vLLM as the peer server."""
+    return ["serve.engine=vllm", f"serve.engine_python={Path(args.vllm_python).absolute()}",
+            "serve.engine_args.dtype=float32",
+            *(f"serve.engine_env.{k}='{v}'" for k, v in VLLM_CPU_ENV.items())]
+
+
 def run_vllm(model_dir: Path, args, count) -> dict:
     port = free_port()
     stop = subprocess_server([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
                               str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--served-model-name",
                               "raylm", "--max-model-len", "512", "--dtype", "float32"],
-                             f"http://127.0.0.1:{port}/health", {"VLLM_CPU_OMP_THREADS_BIND": "all"})
+                             f"http://127.0.0.1:{port}/health", VLLM_CPU_ENV)
     try:
         return measure("vllm", f"http://127.0.0.1:{port}/v1", "raylm", args.levels, args.requests,
                        args.max_tokens, count)
@@ -206,6 +218,8 @@ def main() -> None:
                "raylm": run_raylm(model_dir, args, count)}
     if args.vllm_python:
         results["vllm"] = run_vllm(model_dir, args, count)
+        results["raylm + vllm engine"] = run_raylm(model_dir, args, count, "raylm + vllm engine",
+                                                   raylm_vllm_overrides(args))
     peer = results["transformers serve"]
     ratios = {f"c{c}": {"tokens_per_s": round(results["raylm"][c]["tokens_per_s"] / peer[c]["tokens_per_s"], 2),
                         "ttft_p50": round(results["raylm"][c]["ttft_p50_ms"] / peer[c]["ttft_p50_ms"], 2)}

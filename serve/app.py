@@ -8,7 +8,8 @@ One application, APP_NAME, of two deployments whose names are stable (serveConfi
 - ``LLMEngine`` (autoscaled from ``serve.autoscaling``): the model, run by a continuous-batching loop
   (requests join and leave the running batch between decode steps); each request's tokens stream back.
 
-``serve.engine: vllm`` replaces both with Ray Serve LLM's OpenAI app (``ray.serve.llm``) on the same routes.
+``serve.engine: vllm`` runs vLLM's engine in ``LLMEngine`` instead (serve/vllm_engine.py, same ``generate``
+contract), in the Python of ``serve.engine_python``; the ingress, and so the whole HTTP surface, stays the same.
 """
 from __future__ import annotations
 
@@ -75,17 +76,31 @@ def build_from_config(cfg: ServeConfig, model_dir: str | Path) -> Application:
     model_dir = str(Path(model_dir).resolve())
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"serve: {model_dir} is not a Hugging Face model dir (no config.json)")
+    actor_options: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
     if cfg.engine == "vllm":
-        from serve.vllm_app import build_vllm_app
-        return build_vllm_app(cfg, model_dir)
-    engine = LLMEngine.options(
+        from serve.vllm_engine import VLLMEngine, require_vllm
+
+        require_vllm(cfg.engine_python)  # here, before Serve starts, not in a replica that retries
+        runtime_env: dict = {"env_vars": dict(cfg.engine_env)}
+        if cfg.engine_python:
+            runtime_env["py_executable"] = cfg.engine_python
+        actor_options["runtime_env"] = runtime_env
+        deployment = serve.deployment(VLLMEngine, name=ENGINE)
+        engine_args = {"max_num_seqs": cfg.max_batch_size, **cfg.engine_args}
+        args: tuple = (model_dir, cfg.max_prompt_tokens + cfg.max_new_tokens, cfg.stream_interval, engine_args)
+    else:
+        if cfg.engine_env:
+            actor_options["runtime_env"] = {"env_vars": dict(cfg.engine_env)}
+        deployment = LLMEngine
+        args = (model_dir, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.stream_interval)
+    engine = deployment.options(
         autoscaling_config=cfg.autoscaling.to_serve(),
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options=actor_options,
         # one engine call per completion choice, already in the ingress's access log: no second line per call
         logging_config={"enable_access_log": False},
-    ).bind(model_dir, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.stream_interval)
+    ).bind(*args)
     ingress = serve.deployment(_ingress_class(), name=INGRESS).options(
         num_replicas=cfg.ingress_replicas,
         # async I/O only: many in flight is fine; above max_pending_requests the app itself answers 429

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 def _positive(obj, *names: str) -> None:
@@ -39,7 +39,12 @@ class AutoscalingConfig:
 @dataclass(kw_only=True)
 class ServeConfig:
     model: str | None = None  # HF model dir; None: <run-dir>/ppo/model, else the latest stage with a model
-    engine: Literal["hf", "vllm"] = "hf"  # vllm: Ray Serve LLM (needs the vllm package and a GPU)
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: vLLM's engine behind the same ingress (serve/vllm_engine.py)
+    # vllm: a Python with vllm for the engine replicas (Ray runtime_env py_executable; the same Ray version);
+    # None: the driver's own. `python -m serve.vllm_engine --setup` makes ~/.cache/raylm/vllm-venv.
+    engine_python: str | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)  # vllm: extra AsyncEngineArgs (dtype, ...)
+    engine_env: dict[str, str] = field(default_factory=dict)  # env vars of the engine replicas (VLLM_CPU_...)
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str = "raylm"  # the id clients pass as "model"
@@ -84,5 +89,10 @@ class ServeConfig:
             raise ValueError(f"max_queued_requests: must be -1 (unbounded) or > 0, got {self.max_queued_requests}")
         if not self.model_name or "/" in self.model_name and self.model_name.startswith("/"):
             raise ValueError(f"model_name: must be a non-empty id, got {self.model_name!r}")
+        if self.engine_python is not None and not self.engine_python.startswith("/"):
+            raise ValueError(f"engine_python: must be an absolute path, got {self.engine_python!r}")
+        for name in ("engine_python", "engine_args"):
+            if self.engine != "vllm" and getattr(self, name):
+                raise ValueError(f"{name}: only for serve.engine=vllm (serve.engine is {self.engine!r})")
         if not self.api_key_env:
             raise ValueError("api_key_env: must name an environment variable")
