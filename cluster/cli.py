@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from cluster.commands import STAGE_ENTRYPOINTS, build_parser
-from cluster.config import ConfigError
+from cluster.config import ConfigError, atomic_write_json
 from cluster.recipe import load_recipe, save_resolved
 from cluster.rundir import RunDir
 from cluster.runtime import init_ray, setup_logging
@@ -75,11 +75,25 @@ def run_stages(ctx: StageContext, stages: list[str]) -> list[dict]:
             progress.start(stage)
             with Timer() as t:
                 summary = fn(ctx) or {}
+            # the stage's wall time, for the report (pipelines/report; a blocking serve never gets here)
+            atomic_write_json(ctx.stage_dir(stage) / "timing.json", {"stage": stage, "seconds": round(t.seconds, 1)})
             from pipelines.lineage import record_stage
             record_stage(ctx.run_dir.root, ctx.recipe, stage)  # what the stage read and wrote, as hashes
             progress.done(stage, t.seconds, summary)
             results.append({"stage": stage, "seconds": round(t.seconds, 1), **summary})
     return results
+
+
+def _report(args: argparse.Namespace) -> int:
+    """``raylm report [RUN_DIR]``: the report reads files only, so no recipe section and no Ray. RUN_DIR comes in
+    among the positional KEY=VALUE overrides (the stage parser's grammar), told apart by having no '='."""
+    from pipelines.report.stage import report_command
+
+    dirs = [a for a in args.overrides if "=" not in a]
+    if len(dirs) > 1 or (dirs and args.run_dir):
+        raise ConfigError(f"report: one run directory, got {dirs + ([args.run_dir] if args.run_dir else [])}")
+    run_dir = dirs[0] if dirs else args.run_dir or Path("runs") / load_recipe(args.config, []).name
+    return report_command(run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lineage":
             from pipelines.lineage import lineage_command
             return lineage_command(args.model_dir)
+        if args.command == "report":
+            return _report(args)
         if args.command == "k8s":
             from cluster.k8s import k8s_command
             return k8s_command(args)

@@ -15,6 +15,8 @@ STAGE_ENTRYPOINTS = {
     "reward": ("pipelines.reward.stage:run", "train the pairwise reward model"),
     "ppo": ("actors.ppo.stage:run", "PPO/GRPO with policy, critic, reward and reference Ray actors"),
     "eval": ("pipelines.eval.stage:run", "bits per byte, lm-eval tasks, samples and reward accuracy of the models"),
+    "report": ("pipelines.report.stage:run", ("the run's report: one self-contained HTML page (plots) and a "
+               "markdown twin, from what the run directory holds")),
     "serve": ("serve.stage:run", "serve the model: OpenAI-compatible API + Gradio chat demo"),
 }
 
@@ -50,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "every model of the run); lm-eval tasks: eval.tasks=[NAME,...]")
             p.add_argument("--text", action="append", metavar="PATH", help="held-out text file/dir (repeatable; "
                            "default: the data stage's validation split)")
+        if stage == "report":
+            p.usage = "raylm report [-h] [RUN_DIR] [-c RECIPE] [--run-dir DIR]"
+            p.epilog = ("RUN_DIR (or --run-dir; default runs/<recipe name>) gets report/report.html and report.md; "
+                        "no Ray is started")
         if stage == "serve":
             p.add_argument("--model", help="HF model dir (default: the run's latest trained model)")
             p.add_argument("--host")

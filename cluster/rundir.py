@@ -11,7 +11,7 @@ from typing import Any
 
 from cluster.config import ConfigError
 
-STAGES = ("data", "pretrain", "sft", "reward", "ppo", "eval", "serve")
+STAGES = ("data", "pretrain", "sft", "reward", "ppo", "eval", "report", "serve")
 MODEL_STAGES = ("ppo", "sft", "pretrain")  # newest first: which trained model a later step should pick up
 
 

@@ -1,5 +1,5 @@
-"""The whole pipeline in one command: data -> pretrain -> sft -> reward -> ppo -> eval -> serve, then one chat
-request."""
+"""The whole pipeline in one command: data -> pretrain -> sft -> reward -> ppo -> eval -> report -> serve, then
+one chat request."""
 from __future__ import annotations
 
 import json
@@ -31,9 +31,12 @@ def test_raylm_run_whole_pipeline_then_chat(ray_cluster, tmp_path, capsys):
     try:
         rc = raylm(["run", "-c", str(RECIPE), "--run-dir", str(run_dir), "--no-block", f"serve.port={port}"])
         assert rc == 0
-        err = capsys.readouterr().err
-        for i, stage in enumerate(["data", "pretrain", "sft", "reward", "ppo", "eval", "serve"], start=1):
-            assert f"[{i}/7] {stage}: done in" in err
+        captured = capsys.readouterr()
+        for i, stage in enumerate(["data", "pretrain", "sft", "reward", "ppo", "eval", "report", "serve"], start=1):
+            assert f"[{i}/8] {stage}: done in" in captured.err
+        report = run_dir / "report" / "report.html"
+        assert f"raylm report: {report}" in captured.out and str(run_dir / "eval" / "results.json") in captured.out
+        assert "not run" not in (run_dir / "report" / "report.md").read_text()
         assert (run_dir / "config.yaml").is_file()
         assert (run_dir / "data" / "shards" / "manifest.json").is_file()
         for stage in ("pretrain", "sft", "reward", "ppo"):
