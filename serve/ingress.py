@@ -1,17 +1,19 @@
 """The ``OpenAIIngress`` deployment: OpenAI-compatible HTTP routes in front of the ``LLMEngine`` deployment.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health, and the Gradio
-demo at /demo. Statuses: 400 bad request, 401 missing/wrong API key, 404 unknown model or route, 413 body too
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health, the Gradio
+demo at /demo, and the run report at /report (when ``serve.report`` names one). Statuses: 400 bad request, 401 missing/wrong API key, 404 unknown model or route, 413 body too
 large, 429 engine queue full (Serve back-pressure), 503 engine unavailable or request timeout, all with
 OpenAI-style error bodies. A 500 carries only a request id (``x-request-id`` on every response); the details go
 to the replica's log under that id.
 
 With an API key set, the key guards everything but /health: the API, FastAPI's /docs and /openapi.json, and the
-demo (a login form whose password is the key; the demo then calls the API with the server's key).
+demo (a login form whose password is the key; the demo then calls the API with the server's key), and the
+report (HTTP Basic auth, the key as password, so a browser following the demo's link asks for it).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import ipaddress
 import logging
@@ -23,7 +25,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -167,6 +169,21 @@ class OpenAIIngress:
     def key_matches(self, token: str) -> bool:
         return self.api_key is None or hmac.compare_digest(token.encode(), self.api_key.encode())
 
+    def check_report_auth(self, request: Request) -> None:
+        """The report page: the key as a Bearer token, or as the password of HTTP Basic auth (any user name, as
+        the demo's login form), which a browser asks for by itself on a 401 with ``WWW-Authenticate``."""
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else ""
+        if scheme.lower() == "basic":
+            try:
+                token = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                token = ""
+        if not self.key_matches(token):
+            raise oa.APIError(401, "the report needs the API key (any user name, the key as password)",
+                              "invalid_request_error", None, "invalid_api_key")
+
     def check_auth(self, request: Request) -> None:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
@@ -308,6 +325,10 @@ class OpenAIIngress:
 
 
 DOCS_ROUTES = ("/docs", "/openapi.json", "/docs/oauth2-redirect")
+REPORT_HEADERS = {
+    "Content-Security-Policy": "sandbox allow-scripts; default-src 'none'; script-src 'unsafe-inline'; "
+                               "style-src 'unsafe-inline'; img-src data: blob:; font-src data:",
+    "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
 
 class _Around:
@@ -383,6 +404,20 @@ def build_api(ing: OpenAIIngress) -> FastAPI:
             raise oa.APIError(404, f"the model {model_id!r} does not exist", "invalid_request_error", "model",
                               "model_not_found")
         return oa.model_card(ing.cfg.model_name, ing.created)
+
+    @app.get("/report")
+    async def report(request: Request):
+        if not ing.cfg.report or not Path(ing.cfg.report).is_file():
+            raise oa.APIError(404, "this server has no run report (raylm report RUN_DIR writes one)",
+                              "invalid_request_error", None, "not_found")
+        try:
+            ing.check_report_auth(request)
+        except oa.APIError as exc:
+            return JSONResponse(exc.body(), exc.status, headers={"WWW-Authenticate": 'Basic realm="raylm report"'})
+        # The page holds text from the corpus and from the models: the CSP sandbox runs it in an opaque origin
+        # (its scripts, plotly's, can draw but cannot read this origin's cookies or call the API), and
+        # nothing outside the file itself may load.
+        return FileResponse(ing.cfg.report, media_type="text/html", headers=REPORT_HEADERS)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

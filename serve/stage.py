@@ -2,6 +2,7 @@
 it answers, print the API and demo URLs, and block until Ctrl-C (``ctx.options["block"]`` false: return)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -63,6 +64,11 @@ def deploy(ctx: StageContext) -> dict:
     from serve.ingress import read_api_key
 
     cfg = ctx.recipe.serve
+    report = ctx.run_dir.root / "report" / "report.html"
+    if cfg.report is None and cfg.model is None and report.is_file():  # the run's own model: its report
+        cfg = dataclasses.replace(cfg, report=str(report))
+    elif cfg.report and not Path(cfg.report).is_file():
+        raise FileNotFoundError(f"serve.report: {cfg.report} does not exist (raylm report RUN_DIR writes it)")
     model_dir = resolve_model_dir(ctx)
     keyed = read_api_key(cfg) is not None  # a missing key file fails here, not in a replica
     init_ray(ctx.recipe.ray, ctx.address)
@@ -70,6 +76,8 @@ def deploy(ctx: StageContext) -> dict:
     serve.run(build_from_config(cfg, model_dir), name=APP_NAME, route_prefix="/")
     urls = endpoint_urls(cfg.host, cfg.port)
     wait_healthy(urls["health"])
+    if cfg.report:
+        urls["report"] = urls["health"].rsplit("/", 1)[0] + "/report"
     info = {**urls, "model": str(model_dir), "model_name": cfg.model_name, "app": APP_NAME, "api_key": keyed}
     atomic_write_json(ctx.stage_dir("serve") / "endpoint.json", info)
     return info
@@ -81,12 +89,14 @@ def run(ctx: StageContext) -> dict:
     demo = " (log in with any user name and the API key as password)" if info["api_key"] else ""
     print(f"raylm serve: model {info['model']}\n  API:  {info['api']}  (OpenAI-compatible, model "
           f"{info['model_name']!r}){key}\n  demo: {info['demo']}{demo}", flush=True)
+    if "report" in info:
+        print(f"  report: {info['report']} (the run report; with an API key, the key as password)", flush=True)
     if ctx.options.get("block", True):
         _block_until_interrupted()
     elif not (ctx.address or os.environ.get("RAY_ADDRESS") or ctx.recipe.ray.address):
         log.warning("serve: --no-block on the local Ray cluster this process started: the app lives only as "
                     "long as this process (use --address to leave it on a running cluster)")
-    return {k: info[k] for k in ("api", "demo", "health", "model")}
+    return {k: info[k] for k in ("api", "demo", "health", "model", "report") if k in info}
 
 
 def _interrupt(signum, frame) -> None:

@@ -57,7 +57,8 @@ def build_demo(api_url: str, api_key: str | None, cfg: ServeConfig):
     return gr.ChatInterface(
         respond,
         title="raylm chat",
-        description=f"Model `{cfg.model_name}` served by Ray Serve; API at `{api_url}`.",
+        description=f"Model `{cfg.model_name}` served by Ray Serve; API at `{api_url}`."
+                    + (" [Run report](/report) (what the model was made from, curves, eval)." if cfg.report else ""),
         additional_inputs=[
             gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt"),
             gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature"),

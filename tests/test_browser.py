@@ -1,27 +1,26 @@
 """The Gradio chat demo in a real browser, on a server with an API key: headless Debian Chromium driven by Playwright
 opens /demo/, is asked for the key, is refused with a wrong one, logs in with the right one, sends a message and
 sees the reply stream in; screenshots are kept in test-artifacts/. Without the key, Gradio's API and upload routes
-answer 401. Deployed through the stage entry (``serve.stage.run`` with block=False), as ``raylm serve --no-block``
+answer 401. The run report is served at /report behind the same key (HTTP Basic) and linked from the demo. Deployed through the stage entry (``serve.stage.run`` with block=False), as ``raylm serve --no-block``
 does."""
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from browser_fixtures import browser  # noqa: F401 - fixture
+from report_fixtures import make_report_run
 from serve_fixtures import deployed, tiny_chat_model  # noqa: F401 - fixture
+
+from pipelines.report.stage import build_report
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.browser,
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MESSAGE = "Hello, who are you?"
 API_KEY = "demo-key-6789"
 
@@ -42,25 +41,12 @@ def alnum(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/install-browser.sh (as root: apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
 def demo_app(ray_cluster, tiny_chat_model, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("serve-demo")
     key_file = tmp / "api-key"
     key_file.write_text(API_KEY)
-    overrides = ["serve.max_new_tokens=48", f"serve.api_key_file={key_file}"]
+    report = build_report(make_report_run(tmp / "report-run"))["report"]
+    overrides = ["serve.max_new_tokens=48", f"serve.api_key_file={key_file}", f"serve.report={report}"]
     with deployed(tmp / "run", tiny_chat_model, overrides) as (info, ctx):
         yield info, ctx
 
@@ -102,7 +88,7 @@ def log_in(page, password: str) -> None:
     page.get_by_role("button", name="Login").click()
 
 
-def test_demo_asks_for_the_key_then_streams_a_reply_in_chromium(demo_app, browser, artifacts_dir):
+def test_demo_asks_for_the_key_then_streams_a_reply_in_chromium(demo_app, browser, artifacts_dir):  # noqa: F811
     info, _ = demo_app
     expected = expected_reply(info["api"])
     assert expected.usage.completion_tokens >= 8, "the fixture model's greedy reply is too short to see streaming"
@@ -115,6 +101,7 @@ def test_demo_asks_for_the_key_then_streams_a_reply_in_chromium(demo_app, browse
     log_in(page, API_KEY)
     box = page.get_by_role("textbox").first
     page.get_by_text("raylm chat").first.wait_for(timeout=60_000)
+    assert page.get_by_role("link", name="Run report").get_attribute("href") == "/report"
     page.evaluate(OBSERVE_BOT)
     box.fill(MESSAGE)
     box.press("Enter")
@@ -137,3 +124,25 @@ def test_demo_asks_for_the_key_then_streams_a_reply_in_chromium(demo_app, browse
     lengths = page.evaluate("window.__botLengths")
     assert len({n for n in lengths if n > 0}) >= 2, f"the reply did not stream: lengths seen {lengths}"
     page.close()
+
+
+def test_report_is_served_behind_the_key_and_renders_sandboxed(demo_app, browser, artifacts_dir):  # noqa: F811
+    info, _ = demo_app
+    url = info["report"]
+    refused = httpx.get(url)
+    assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+    assert httpx.get(url, auth=("anyone", "wrong")).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    ok = httpx.get(url, auth=("anyone", API_KEY))
+    assert ok.status_code == 200 and ok.headers["content-type"].startswith("text/html")
+    assert ok.headers["content-security-policy"].startswith("sandbox allow-scripts")
+    # a browser asks for the key (HTTP Basic); the page's scripts run in the sandbox and still draw every plot
+    context = browser.new_context(http_credentials={"username": "anyone", "password": API_KEY})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # generous bound: 5 MB of page and 8 plots took ~18 s to load on 2 busy cores
+    page.goto(url, wait_until="load", timeout=120_000)
+    assert page.locator(".js-plotly-plot").count() == 8 and not errors, errors
+    page.screenshot(path=str(artifacts_dir / "serve-report.png"))
+    context.close()

@@ -70,6 +70,9 @@ class ServeConfig:
     max_choices: int = 8  # choices per request: n x the number of prompts (completions take several)
     demo: bool = True  # the Gradio chat demo at /demo
     demo_api_url: str | None = None  # where the demo calls the API; None: http://127.0.0.1:<port>/v1
+    # The run report (raylm report) served at /report behind the API key and linked from the demo; None: raylm
+    # serve fills in <run-dir>/report/report.html when the run has one.
+    report: str | None = None
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def __post_init__(self) -> None:
