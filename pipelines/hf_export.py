@@ -3,8 +3,8 @@
 The maths of ``pipelines.model`` is HF Llama's (rotate-half RoPE, fp32 RMSNorm, SwiGLU, GQA), so conversion is
 a pure renaming of tensors: no permutation of q/k (that is only needed for Meta's interleaved-RoPE checkpoints).
 
-An export directory holds ``config.json`` (``LlamaConfig``), ``model.safetensors``, ``generation_config.json`` and
-the tokenizer files; ``AutoModelForCausalLM`` / ``AutoTokenizer`` (and vLLM) load it as is.
+An export directory holds ``config.json`` (``LlamaConfig``), ``model.safetensors``, ``generation_config.json``, the
+tokenizer files and the model card ``README.md`` (pipelines/model_card.py); ``AutoModelForCausalLM`` / ``AutoTokenizer`` (and vLLM) load it as is.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from cluster.schemas.model import ModelConfig
 from pipelines.model import Transformer
+from pipelines.model_card import CardInfo, write_model_card
 
 # Tokenizer files copied into an export (those present in the tokenizer directory).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -153,8 +154,9 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int,
-              tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write an HF Llama directory (config, safetensors weights, generation config, tokenizer) atomically."""
+              tokenizer_dir: str | Path, out_dir: str | Path, card: CardInfo | None = None) -> Path:
+    """Write an HF Llama directory (config, safetensors weights, generation config, tokenizer, model card when
+    ``card`` says what the model is) atomically."""
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (train one with pipelines.tokenizer)")
@@ -173,6 +175,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size:
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / name)
+        write_model_card(tmp, card)
     return Path(out_dir)
 
 
@@ -184,9 +187,10 @@ class HFExporter:
     cfg: ModelConfig
     vocab_size: int
     tokenizer_dir: str | Path
+    card: CardInfo | None = None
 
     def __call__(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
-        return export_hf(state_dict, self.cfg, self.vocab_size, self.tokenizer_dir, out_dir)
+        return export_hf(state_dict, self.cfg, self.vocab_size, self.tokenizer_dir, out_dir, self.card)
 
 
 def load_hf_model(model_dir: str | Path) -> tuple[Transformer, ModelConfig, int]:

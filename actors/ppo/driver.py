@@ -206,10 +206,10 @@ class PPOTrainer:
             if group is not None:
                 ray.get(group.call("load_checkpoint", str(path / name), tag))
 
-    def export(self, out_dir: Path) -> None:
+    def export(self, out_dir: Path, card=None) -> None:
         import ray
 
-        ray.get(self.policy.call("export", str(out_dir)))
+        ray.get(self.policy.call("export", str(out_dir), card))
 
     def kl_state(self) -> dict:
         return asdict(self.kl_ctl)

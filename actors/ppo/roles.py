@@ -91,16 +91,19 @@ class _TrainableRole:
             raise FileNotFoundError(f"ppo checkpoint: nothing to load at {path}/{tag}")
         torch.set_rng_state(client_state["rng"])
 
-    def export(self, out_dir: str) -> None:
-        """Write the model in the Hugging Face format, atomically (rank 0; weights are whole under ZeRO 0-2)."""
+    def export(self, out_dir: str, card=None) -> None:
+        """Write the model in the Hugging Face format with its model card (``card``: a
+        ``pipelines.model_card.CardInfo``), atomically (rank 0; weights are whole under ZeRO 0-2)."""
         from transformers import AutoTokenizer
 
         from pipelines.hf_export import staged_directory
+        from pipelines.model_card import write_model_card
 
         if self.rank == 0:
             with staged_directory(out_dir) as tmp:
                 self.engine.module.save_pretrained(tmp)
                 AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
+                write_model_card(tmp, card)
 
 
 class PolicyActor(_TrainableRole):

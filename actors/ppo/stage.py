@@ -28,6 +28,7 @@ def run(ctx: StageContext) -> dict:
     from actors.ppo.driver import PPOTrainer
     from actors.ppo.loop import run_iterations
     from actors.ppo.reward_functions import load_reward_functions
+    from pipelines.model_card import card_info
 
     cfg, recipe = ctx.recipe.ppo, ctx.recipe
     policy_dir = ctx.run_dir.require_model("sft", "ppo")
@@ -50,7 +51,7 @@ def run(ctx: StageContext) -> dict:
                          reward_functions=functions)
     try:
         result = run_iterations(trainer, cfg, prompts, stage_dir, seed=recipe.seed)
-        trainer.export(model_dir)
+        trainer.export(model_dir, card_info(recipe, ctx.run_dir.root, "ppo"))
     finally:
         trainer.shutdown()
     return {"algorithm": cfg.algorithm, "iterations": cfg.iterations, "resumed_from": result["resumed_from"],

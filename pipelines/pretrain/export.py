@@ -9,15 +9,18 @@ DeepSpeed's own ``zero_to_fp32``, the plain module state for ZeRO-0.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 import yaml
 
+from cluster.config import atomic_write_text
 from cluster.recipe import recipe_from_dict
 from pipelines.hf_export import export_hf
 from pipelines.model import build_model
+from pipelines.model_card import CARD, card_info, render_card
 from pipelines.pretrain.shards import read_manifest
 from pipelines.train.checkpoint import DEEPSPEED_TAG, weights_only_loads
 
@@ -64,7 +67,21 @@ def export_checkpoint(run_dir: Path, checkpoint: str | None = None, out_dir: Pat
     stage_dir = run_dir / "pretrain"
     source = stage_dir / checkpoint if checkpoint else latest_checkpoint(stage_dir)
     state = consolidated_state(source, lambda: build_model(recipe.model, vocab, recipe.seed))
-    return export_hf(state, recipe.model, vocab, manifest["tokenizer_dir"], out_dir or stage_dir / "model")
+    out = export_hf(state, recipe.model, vocab, manifest["tokenizer_dir"], out_dir or stage_dir / "model",
+                    card_info(recipe, run_dir, "pretrain"))
+    add_known_eval_results(out, recipe, run_dir)
+    return out
+
+
+def add_known_eval_results(model_dir: Path, recipe, run_dir: Path) -> None:
+    """The card gets the run's eval results when ``raylm eval`` measured these very weights (same sha256)."""
+    from pipelines.eval.model_eval import weights_sha256
+
+    path = run_dir / "eval" / "results.json"
+    results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    evaluated = {m["name"]: m.get("weights_sha256") for m in results.get("models", [])}
+    if evaluated.get("pretrain") and evaluated["pretrain"] == weights_sha256(Path(model_dir)):
+        atomic_write_text(Path(model_dir) / CARD, render_card(card_info(recipe, run_dir, "pretrain", results)))
 
 
 def main(argv: list[str] | None = None) -> int:

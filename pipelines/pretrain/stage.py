@@ -7,6 +7,7 @@ import logging
 from cluster.config import ConfigError, atomic_write_json
 from cluster.recipe import Recipe
 from cluster.stage import StageContext
+from pipelines.model_card import card_info
 from pipelines.pretrain.shards import read_manifest
 from pipelines.pretrain.task import pretrain_task
 from pipelines.train.engine import fit
@@ -30,7 +31,8 @@ def run(ctx: StageContext) -> dict:
     manifest = read_manifest(shards_dir)
     check_compatible(recipe, manifest, str(shards_dir / "manifest.json"))
     stage_dir = ctx.stage_dir("pretrain")
-    task = pretrain_task(recipe.model, recipe.pretrain, manifest, shards_dir, recipe.seed)
+    task = pretrain_task(recipe.model, recipe.pretrain, manifest, shards_dir, recipe.seed,
+                         card=card_info(recipe, ctx.run_dir.root, "pretrain"))
     export_dir = ctx.run_dir.model_dir("pretrain")
     summary = fit(task, recipe.pretrain, stage_dir, seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
                   pipeline_stages=recipe.pretrain.pipeline_stages, export_dir=export_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cluster.rundir import MetricsLog
 from cluster.stage import StageContext
+from pipelines.model_card import card_info
 from pipelines.reward.data import PreferencePair, encode_pairs, read_pairs
 from pipelines.reward.task import evaluate_pairs, pairwise_loss, reward_batches
 from pipelines.sft.builtin_qa import builtin_pairs, preference_pairs, split_pairs
@@ -65,7 +66,8 @@ def run(ctx: StageContext) -> dict:
         loss_fn=partial(pairwise_loss, margin=cfg.margin),
         batches=partial(reward_batches, data_dir=str(data_dir), micro_batch_size=cfg.micro_batch_size,
                         pad_id=pad_id, seed=recipe.seed),
-        export=partial(export_hf_model, base_dir=str(base), kind="reward"),
+        export=partial(export_hf_model, base_dir=str(base), kind="reward",
+                       card=card_info(recipe, ctx.run_dir.root, "reward")),
     )
     stage_dir, model_dir = ctx.stage_dir("reward"), ctx.run_dir.model_dir("reward")
     summary = fit(task, cfg, stage_dir, seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,

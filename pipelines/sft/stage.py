@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from cluster.stage import StageContext
+from pipelines.model_card import card_info
 from pipelines.sft.builtin_qa import builtin_pairs, split_pairs
 from pipelines.sft.data import encode_chat, hash_split, pack, read_chats
 from pipelines.sft.task import (
@@ -81,7 +82,8 @@ def run(ctx: StageContext) -> dict:
         loss_fn=sft_loss,
         batches=partial(sft_batches, data_dir=str(data_dir), micro_batch_size=cfg.micro_batch_size,
                         pad_id=pad_id, seed=recipe.seed),
-        export=partial(export_hf_model, base_dir=str(base), kind="causal"),
+        export=partial(export_hf_model, base_dir=str(base), kind="causal",
+                       card=card_info(recipe, ctx.run_dir.root, "sft")),
         count_tokens=count_tokens,
     )
     summary = fit(task, cfg, ctx.stage_dir("sft"), seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,

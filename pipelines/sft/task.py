@@ -76,14 +76,17 @@ def load_causal_lm(model_dir: str):
     return AutoModelForCausalLM.from_pretrained(model_dir)
 
 
-def export_hf_model(state_dict: dict[str, torch.Tensor], out_dir: Path, *, base_dir: str, kind: str = "causal") -> None:
-    """Write trained weights as a Hugging Face model dir (atomically: staged, then renamed), with the tokenizer.
+def export_hf_model(state_dict: dict[str, torch.Tensor], out_dir: Path, *, base_dir: str, kind: str = "causal",
+                    card=None) -> None:
+    """Write trained weights as a Hugging Face model dir (atomically: staged, then renamed), with the tokenizer
+    and the model card (``card``: a ``pipelines.model_card.CardInfo``).
 
     ``kind``: "causal" (``AutoModelForCausalLM``) or "reward" (``LlamaForSequenceClassification``, 1 label).
     """
     from transformers import AutoTokenizer
 
     from pipelines.hf_export import staged_directory
+    from pipelines.model_card import write_model_card
     from pipelines.reward.model import init_reward_model
 
     model = load_causal_lm(base_dir) if kind == "causal" else init_reward_model(base_dir)
@@ -93,3 +96,4 @@ def export_hf_model(state_dict: dict[str, torch.Tensor], out_dir: Path, *, base_
     with staged_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+        write_model_card(tmp, card)
