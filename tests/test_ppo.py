@@ -131,6 +131,10 @@ def test_grpo_stage_checkpoints_resumes_and_exports(ray_cluster, tiny_models, tm
     sft = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("sft")).state_dict()
     changed = lambda a, b: any((a[k] - b[k]).abs().max() > 0 for k in a)
     assert changed(after_one, sft) and changed(after_two, after_one)
+    from huggingface_hub import ModelCard  # the export's model card, written by the policy actor
+
+    card = ModelCard.load(run_dir.model_dir("ppo") / "README.md").data.to_dict()
+    assert card["training_stages"] == ["pretrain", "sft", "ppo"] and card["datasets"] == [str(prompts)]
 
 
 def test_vllm_engine_without_vllm_fails_with_a_clear_message():

@@ -115,3 +115,7 @@ def test_sft_stage_end_to_end(ray_cluster, tmp_path):
     assert AutoTokenizer.from_pretrained(model_dir).chat_template
     base = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("pretrain"))
     assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), base.parameters()))
+    from huggingface_hub import ModelCard  # the export's model card, written on the Ray Train worker
+
+    card = ModelCard.load(model_dir / "README.md").data.to_dict()
+    assert card["base_model"] == str(run_dir.model_dir("pretrain")) and card["training_stages"] == ["pretrain", "sft"]
