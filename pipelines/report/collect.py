@@ -59,18 +59,19 @@ def duplicate_pairs(data_dir: Path, per_kind: int = EXAMPLE_PAIRS) -> list[dict]
     import pyarrow.parquet as pq
 
     dropped = pq.read_table(dropped_files, columns=["id", "reason", "duplicate_of", "source"]).to_pylist()
-    docs_files = sorted((data_dir / "documents").glob("*.parquet"))
-    docs = pq.read_table(docs_files, columns=["id", "text", "source"]).to_pylist() if docs_files else []
-    source = {r["id"]: r["source"] for r in dropped} | {d["id"]: d["source"] for d in docs}
-    text = {d["id"]: d["text"] for d in docs}
-    pairs = []
+    chosen = []
     for kind in ("exact_dedup:duplicate", "near_dedup:duplicate"):
         rows = sorted((r for r in dropped if r["reason"] == kind and r["duplicate_of"]), key=lambda r: r["id"])
-        for r in rows[:per_kind]:
-            kept = r["duplicate_of"]
-            pairs.append({"kind": kind.split(":")[0], "dropped": r["source"], "kept": source.get(kept, kept),
-                          "kept_text": (text.get(kept) or "")[:240]})
-    return pairs
+        chosen += rows[:per_kind]
+    kept_ids = sorted({r["duplicate_of"] for r in chosen})
+    docs_files = sorted((data_dir / "documents").glob("*.parquet"))
+    # only the kept documents of the chosen pairs: the corpus text can be large
+    docs = pq.read_table(docs_files, columns=["id", "text", "source"], filters=[("id", "in", kept_ids)]).to_pylist() \
+        if docs_files and kept_ids else []
+    source = {r["id"]: r["source"] for r in dropped} | {d["id"]: d["source"] for d in docs}
+    text = {d["id"]: d["text"] for d in docs}
+    return [{"kind": r["reason"].split(":")[0], "dropped": r["source"], "kept": source.get(r["duplicate_of"],
+             r["duplicate_of"]), "kept_text": (text.get(r["duplicate_of"]) or "")[:240]} for r in chosen]
 
 
 def curves(run: Path) -> dict[str, list[dict] | None]:
