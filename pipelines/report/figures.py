@@ -58,7 +58,7 @@ def funnel_figure(funnel: dict) -> str | None:
     steps = funnel["steps"]
     if not steps:
         return None
-    labels = [steps[0]["step"] + " (in)"] + [s["step"] for s in steps]
+    labels = ["documents read"] + [f"after {s['step']}" for s in steps]
     values = [steps[0]["docs_in"]] + [s["docs_out"] for s in steps]
     fig = go.Figure(go.Funnel(y=labels, x=values, textinfo="value+percent initial"))
     fig.update_layout(height=360, margin={"t": 30, "b": 20}, title="documents kept after each step")
@@ -68,13 +68,12 @@ def funnel_figure(funnel: dict) -> str | None:
 def drops_figure(funnel: dict) -> str | None:
     import plotly.graph_objects as go
 
-    drops = sorted(funnel["drops"], key=lambda d: d["docs"])
-    dup = [(name, d["duplicates"]) for name, d in funnel["duplicates"].items() if d.get("duplicates")]
-    labels = [f"{d['step']}: {d['rule']}" for d in drops] + [f"{n}: duplicate" for n, _ in dup]
-    values = [d["docs"] for d in drops] + [v for _, v in dup]
-    if not labels:
+    bars = [(f"{d['step']}: {d['rule']}", d["docs"]) for d in funnel["drops"]]
+    bars += [(f"{name}: duplicate", d["duplicates"]) for name, d in funnel["duplicates"].items() if d.get("duplicates")]
+    if not bars:
         return None
-    fig = go.Figure(go.Bar(x=values, y=labels, orientation="h", text=values, textposition="auto"))
+    labels, values = zip(*sorted(bars, key=lambda b: b[1]))  # the largest on top
+    fig = go.Figure(go.Bar(x=list(values), y=list(labels), orientation="h", text=list(values), textposition="auto"))
     fig.update_layout(height=120 + 24 * len(labels), margin={"t": 30, "b": 20}, title="documents dropped, by rule")
     return to_html(fig, "drops")
 
