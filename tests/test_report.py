@@ -70,3 +70,19 @@ def test_cli_prints_the_paths_and_names_a_missing_run_dir(tmp_path, capsys):
     assert raylm(["report", "--run-dir", str(run)]) == 0
     assert raylm(["report", str(tmp_path / "nope")]) == 1
     assert f"{tmp_path / 'nope'}: run directory not found" in capsys.readouterr().err
+
+
+def test_report_is_a_step_of_raylm_run_and_prints_both_paths(tmp_path, capsys):
+    from cluster.cli import run_stages
+    from cluster.recipe import load_recipe
+    from cluster.rundir import RunDir
+    from cluster.stage import StageContext
+
+    run = make_report_run(tmp_path)
+    ctx = StageContext(recipe=load_recipe(None, []), run_dir=RunDir.create(run))
+    [result] = run_stages(ctx, ["report"])  # the step `raylm run` takes after eval (no Ray needed)
+    assert result["report"] == str(run / "report" / "report.html")
+    out, err = capsys.readouterr()
+    assert f"raylm report: {run / 'report' / 'report.html'}" in out
+    assert f"eval results: {run / 'eval' / 'results.json'}" in out and "[1/1] report: done in" in err
+    assert (run / "report" / "timing.json").is_file()
