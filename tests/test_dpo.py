@@ -4,6 +4,7 @@ The loss itself is checked against a plain loop in tests/test_algos.py."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import subprocess
@@ -113,3 +114,19 @@ def test_raylm_dpo_on_hh_pairs_reports_heldout_accuracy_and_exports(ray_cluster,
     lineage = json.loads((stage / "lineage.json").read_text())
     assert lineage["stage"] == "dpo" and any(e["path"] == str(data) for e in lineage["inputs"])
     assert any(e["path"].endswith("model.safetensors") for e in lineage["outputs"])
+
+
+def test_reference_logprobs_are_reused_for_the_same_weights_and_pairs(tmp_path):
+    from actors.dpo.stage import reference_logps
+    from cluster.config import atomic_write_json
+    from pipelines.eval.model_eval import weights_sha256
+
+    base, data_dir = tmp_path / "sft", tmp_path / "data"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    rows = [([1, 2], [3, 4], [5])]
+    key = {"sft_weights_sha256": weights_sha256(base),
+           "pairs_sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
+    atomic_write_json(data_dir / "reference.json", {"key": key, "logps": [[-1.5, -2.5]]})
+    cfg = load_recipe().dpo
+    assert reference_logps(base, rows, data_dir, cfg, pad_id=0) == ([(-1.5, -2.5)], True)  # no Ray needed

@@ -49,6 +49,26 @@ def preflight(ctx: StageContext) -> None:
         check_base(ctx)
 
 
+def reference_logps(base: Path, rows: list, data_dir: Path, cfg, pad_id: int) -> tuple[list, bool]:
+    """The SFT model's log-probs of every pair, from the reference actors, or from ``data/reference.json`` when
+    the same weights already scored the same token ids (a resumed run does not score them again)."""
+    import hashlib
+    import json
+
+    from pipelines.eval.model_eval import weights_sha256
+
+    key = {"sft_weights_sha256": weights_sha256(base),
+           "pairs_sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
+    path = data_dir / "reference.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return [tuple(x) for x in saved["logps"]], True
+    logps = pair_logps(str(base), rows, cfg.reference, batch_size=cfg.reference_batch_size, pad_id=pad_id)
+    atomic_write_json(path, {"key": key, "logps": logps})
+    return logps, False
+
+
 def heldout_metrics(ref: list[tuple[float, float]], policy: list[tuple[float, float]], beta: float) -> dict:
     """DPO's implicit-reward accuracy and margins on held-out pairs, and how often the model itself (raw
     sequence log-prob) prefers the chosen reply, before (the SFT model) and after training."""
@@ -81,12 +101,14 @@ def run(ctx: StageContext) -> dict:
     log.info("dpo: %d training / %d held-out pairs from %s", len(train), len(val),
              cfg.data or "the built-in Q/A pairs")
     init_ray(recipe.ray, ctx.address)
-    t0 = time.perf_counter()
-    ref = pair_logps(str(base), train_rows + val_rows, cfg.reference, batch_size=cfg.reference_batch_size,
-                     pad_id=pad_id)
-    reference_s = time.perf_counter() - t0
     stage_dir, model_dir = ctx.stage_dir("dpo"), ctx.run_dir.model_dir("dpo")
     data_dir = stage_dir / "data"
+    t0 = time.perf_counter()
+    ref, reused = reference_logps(base, train_rows + val_rows, data_dir, cfg, pad_id)
+    reference_s = time.perf_counter() - t0
+    log.info("dpo: reference log-probs of %d pairs %s in %.1f s", len(ref),
+             "reused from " + str(data_dir / "reference.json") if reused else "computed by the reference actors",
+             reference_s)
     save_rows(data_dir, "train", train_rows, ref[:len(train_rows)])
     save_rows(data_dir, "validation", val_rows, ref[len(train_rows):])
     task = TrainTask(
@@ -100,6 +122,7 @@ def run(ctx: StageContext) -> dict:
     summary = fit(task, cfg, stage_dir, seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
                   export_dir=model_dir)
     out = {**summary, "train_pairs": len(train), "val_pairs": len(val), "reference_s": round(reference_s, 1),
+           "reference_reused": reused,
            "model": str(model_dir)}
     if summary.get("steps") != cfg.max_steps:  # stop_at_step: no export yet, nothing to measure
         return out
