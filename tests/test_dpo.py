@@ -43,12 +43,27 @@ def test_pair_splits_at_the_reply_and_batches_like_a_rollout(tmp_path):
 def test_alignment_switch_picks_the_stages_and_the_served_model(tmp_path):
     assert default_stages("ppo") == ["data", "pretrain", "sft", "reward", "ppo", "eval", "serve"]
     assert default_stages("dpo") == ["data", "pretrain", "sft", "dpo", "eval", "serve"]
+    from pipelines.eval.stage import resolve_models
+
     run_dir = RunDir.create(tmp_path)
     for stage in ("sft", "ppo", "dpo"):
         run_dir.model_dir(stage).mkdir(parents=True)
-        (run_dir.model_dir(stage) / "config.json").write_text("{}")
-    assert run_dir.latest_model("dpo") == run_dir.model_dir("dpo")
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):  # what eval's dir check looks for
+            (run_dir.model_dir(stage) / name).write_text("{}")
+    assert run_dir.latest_model("dpo") == run_dir.model_dir("dpo")  # what `raylm serve` serves
     assert run_dir.latest_model("ppo") == run_dir.model_dir("ppo")
+    specs = resolve_models(load_recipe().eval, run_dir)
+    assert [(s.name, s.chat) for s in specs] == [("sft", True), ("ppo", True), ("dpo", True)]
+
+
+def test_preflight_wants_the_sft_model_unless_the_same_run_trains_it(tmp_path):
+    from actors.dpo.stage import preflight
+    from cluster.stage import StageContext
+
+    run_dir = RunDir.create(tmp_path)
+    preflight(StageContext(recipe=load_recipe(), run_dir=run_dir, options={"stages": ["sft", "dpo"]}))
+    with pytest.raises(FileNotFoundError, match="dpo needs the sft model"):
+        preflight(StageContext(recipe=load_recipe(), run_dir=run_dir, options={"stages": ["dpo"]}))
 
 
 @pytest.mark.parametrize("override,match", [("dpo.beta=0", "dpo.beta: must be > 0"),
