@@ -106,7 +106,7 @@ def test_raylm_dpo_on_hh_pairs_reports_heldout_accuracy_and_exports(ray_cluster,
     assert main(["dpo", "--run-dir", str(run_dir.root), "--data", str(data), "dpo.num_workers=2",
                  "dpo.micro_batch_size=2", "dpo.max_steps=4", "dpo.warmup_steps=1", "dpo.eval_every=2",
                  "dpo.eval_batches=1", "dpo.checkpoint_every=4", "dpo.val_fraction=0.34", "dpo.lr=5.0e-3",
-                 "dpo.reference_batch_size=4"]) == 0
+                 "dpo.reference_batch_size=3", "dpo.reference.replicas=2"]) == 0
     stage = run_dir.root / "dpo"
     steps = [m for m in read_metrics(stage) if "step" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]

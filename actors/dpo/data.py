@@ -24,7 +24,7 @@ EncodedPair = tuple[list[int], list[int], list[int]]  # prompt, chosen reply, re
 
 def encode_pair(tokenizer, pair: PreferencePair, max_len: int, max_prompt_len: int) -> EncodedPair:
     """Prompt ids keep their last ``max_prompt_len`` tokens; replies are cut to fit ``max_len`` in all."""
-    messages = pair.messages("")[:-1]
+    messages = [{"role": role, "content": content} for role, content in pair.prompt]
     prompt = list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                 return_dict=True)["input_ids"])
     replies = []

@@ -12,6 +12,7 @@ from actors import algos
 from actors.dpo.data import EncodedPair, preference_batch
 from actors.group import ActorGroup, gather, role_placement, wait_ready
 from actors.ppo.roles import ReferenceActor
+from actors.ppo.rollout import split_batch
 from cluster.schemas.rlhf import RoleConfig
 
 log = logging.getLogger("raylm")
@@ -32,7 +33,10 @@ def pair_logps(model_dir: str, rows: list[EncodedPair], role: RoleConfig, *, bat
         pending = []
         for start in range(0, len(rows), step):
             batch = preference_batch(rows[start:start + step], pad_id)
-            pending.append((batch["response_mask"], group.scatter("logprobs", batch)))
+            # A short last batch goes to fewer replicas: none of them gets an empty shard.
+            shards = split_batch(batch, min(len(group), batch["sequences"].shape[0]))
+            refs = [actor.logprobs.remote(shard) for actor, shard in zip(group.actors, shards)]
+            pending.append((batch["response_mask"], refs))
         out: list[tuple[float, float]] = []
         for mask, refs in pending:
             logprobs = gather(refs, pad_id)
