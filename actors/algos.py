@@ -180,3 +180,38 @@ class KLController:
             error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
             self.value = max(self.value * (1.0 + error * n_steps / self.horizon), self.min_value)
         return self.value
+
+
+DPOLossType = Literal["sigmoid", "ipo"]
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, *, loss_type: DPOLossType = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference optimization over [B] sequence log-probs (summed over each reply's tokens) of the
+    policy and of the frozen reference, for B (chosen, rejected) pairs.
+
+    With h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
+    ``sigmoid`` (Rafailov et al. 2023): -log sigmoid(beta h); with ``label_smoothing`` e (conservative DPO,
+    labels flipped with probability e): -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h).
+    ``ipo`` (Azar et al. 2023): (h - 1 / (2 beta))^2, which stops pushing once the margin reaches its target.
+    Stats: the implicit rewards beta * (log pi - log ref) of chosen and rejected replies, their margin, and the
+    accuracy (share of pairs whose chosen reward is higher), all means over the batch.
+    """
+    wide = torch.promote_types(chosen_logps.dtype, torch.float32)  # fp32 at least: bf16 sums lose the margin
+    chosen_ratio = chosen_logps.to(wide) - ref_chosen_logps.to(wide)
+    rejected_ratio = rejected_logps.to(wide) - ref_rejected_logps.to(wide)
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = (-(1.0 - label_smoothing) * torch.nn.functional.logsigmoid(beta * h)
+                  - label_smoothing * torch.nn.functional.logsigmoid(-beta * h))
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type: must be sigmoid or ipo, got {loss_type!r}")
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+        stats = {"chosen_reward": chosen_rewards.mean(), "rejected_reward": rejected_rewards.mean(),
+                 "margin": (chosen_rewards - rejected_rewards).mean(),
+                 "accuracy": (chosen_rewards > rejected_rewards).float().mean()}
+    return losses.mean(), stats

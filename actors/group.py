@@ -61,6 +61,11 @@ def plan_placement(cfg: PPOConfig, roles: tuple[str, ...]) -> dict[str, Placemen
     return plan
 
 
+def role_placement(role: str, cfg: RoleConfig, name: str) -> dict[str, Placement]:
+    """One placement group for a single role outside PPO (e.g. DPO's reference actors)."""
+    return _shared_placement({role: cfg}, name)
+
+
 def wait_ready(plan: dict[str, Placement], timeout_s: float = 120.0) -> None:
     """Block until every placement group is reserved; a clear error if the cluster cannot fit them."""
     import ray

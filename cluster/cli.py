@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from cluster.commands import STAGE_ENTRYPOINTS, build_parser
+from cluster.commands import STAGE_ENTRYPOINTS, build_parser, default_stages
 from cluster.config import ConfigError, atomic_write_json
 from cluster.recipe import load_recipe, save_resolved
 from cluster.rundir import RunDir
@@ -26,7 +26,7 @@ log = logging.getLogger("raylm")
 # Stage flags that are shorthands for recipe keys, so the resolved config records them.
 FLAG_OVERRIDES = {
     "input": "data.input",
-    "data": {"sft": "sft.data", "reward": "reward.data", "ppo": "ppo.prompts"},
+    "data": {"sft": "sft.data", "reward": "reward.data", "ppo": "ppo.prompts", "dpo": "dpo.data"},
     "model": {"serve": "serve.model", "eval": "eval.models"},
     "text": "eval.text",
     "host": "serve.host",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "k8s":
             from cluster.k8s import k8s_command
             return k8s_command(args)
-        stages = args.stages.split(",") if args.command == "run" else [args.command]
+        stages = [args.command] if args.command != "run" else args.stages.split(",") if args.stages else []
         unknown = [s for s in stages if s not in STAGE_ENTRYPOINTS]
         if unknown:
             raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages: {', '.join(STAGE_ENTRYPOINTS)}")
@@ -122,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             overrides += _stage_overrides(args, stage)
         recipe = load_recipe(args.config, overrides)  # validated before Ray starts
+        stages = stages or default_stages(recipe.alignment)
         run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name)
         saved = save_resolved(recipe, run_dir.root)
         log.info("recipe %s -> resolved config %s", recipe.name, saved)
         ctx = StageContext(recipe=recipe, run_dir=run_dir, address=args.address,
-                           options={"block": not getattr(args, "no_block", False)})
+                           options={"block": not getattr(args, "no_block", False), "stages": stages})
         for stage in stages:
             entrypoint = resolve_entrypoint(stage)  # a stage that is not built fails here, before Ray starts
             preflight = getattr(sys.modules[entrypoint.__module__], "preflight", None)

@@ -14,11 +14,22 @@ STAGE_ENTRYPOINTS = {
     "sft": ("pipelines.sft.stage:run", "supervised fine-tuning on chat data"),
     "reward": ("pipelines.reward.stage:run", "train the pairwise reward model"),
     "ppo": ("actors.ppo.stage:run", "PPO/GRPO with policy, critic, reward and reference Ray actors"),
+    "dpo": ("actors.dpo.stage:run", "DPO on preference pairs, reference log-probs from Ray actors"),
     "eval": ("pipelines.eval.stage:run", "bits per byte, lm-eval tasks, samples and reward accuracy of the models"),
     "report": ("pipelines.report.stage:run", ("the run's report: one self-contained HTML page (plots) and a "
                "markdown twin, from what the run directory holds")),
     "serve": ("serve.stage:run", "serve the model: OpenAI-compatible API + Gradio chat demo"),
 }
+
+# The stages each recipe `alignment` replaces the other's with in `raylm run`'s default stage list.
+ALIGNMENT_STAGES = {"ppo": ("reward", "ppo"), "dpo": ("dpo",)}
+
+
+def default_stages(alignment: str) -> list[str]:
+    """`raylm run` without --stages: every stage, aligning the SFT model with PPO/GRPO or with DPO."""
+    skipped = {s for name, stages in ALIGNMENT_STAGES.items() if name != alignment for s in stages}
+    return [s for s in STAGE_ENTRYPOINTS if s not in skipped]
+
 
 # Flags of the commands above whose values are paths: `raylm submit` makes them portable.
 PATH_FLAGS = ("-c", "--config", "--run-dir", "--input", "--data", "--model", "--out")
@@ -38,14 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline (or --stages) and leave the chat demo up")
     _common(p)
-    p.add_argument("--stages", default=",".join(STAGE_ENTRYPOINTS), help="comma-separated stages to run, in order")
+    p.add_argument("--stages", help="comma-separated stages to run, in order (default: every stage, with "
+                   "reward,ppo or dpo as the recipe's `alignment` says)")
     p.add_argument("--no-block", action="store_true", help="with serve: return once the app is up")
     for stage, (_, text) in STAGE_ENTRYPOINTS.items():
         p = sub.add_parser(stage, help=text, description=text)
         _common(p)
         if stage == "data":
             p.add_argument("--input", action="append", metavar="PATH", help="corpus file/dir/URI (repeatable)")
-        if stage in ("sft", "reward", "ppo"):
+        if stage in ("sft", "reward", "ppo", "dpo"):
             p.add_argument("--data", metavar="PATH", help="replaces the stage's built-in data")
         if stage == "eval":
             p.add_argument("--model", action="append", metavar="DIR", help="HF model dir (repeatable; default: "

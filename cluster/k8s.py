@@ -87,13 +87,15 @@ PROFILES = {
 
 def demand(recipe: Recipe) -> dict[str, float]:
     """Peak CPUs and GPUs any one stage asks Ray for (train stages, PPO roles together, Serve at max replicas)."""
-    train = [recipe.pretrain, recipe.sft, recipe.reward]
+    train = [recipe.pretrain, recipe.sft, recipe.reward, recipe.dpo]
     roles = [recipe.ppo.policy, recipe.ppo.critic, recipe.ppo.reward, recipe.ppo.reference]
     serve = recipe.serve
     cpus = [t.num_workers * t.cpus_per_worker for t in train]
     gpus = [t.num_workers * t.gpus_per_worker for t in train]
     cpus.append(sum(r.replicas * r.num_cpus for r in roles))
     gpus.append(sum(r.replicas * r.num_gpus for r in roles))
+    cpus.append(recipe.dpo.reference.replicas * recipe.dpo.reference.num_cpus)  # alone, before DPO trains
+    gpus.append(recipe.dpo.reference.replicas * recipe.dpo.reference.num_gpus)
     cpus.append(serve.autoscaling.max_replicas * serve.num_cpus)
     gpus.append(serve.autoscaling.max_replicas * serve.num_gpus)
     return {"cpus": max(cpus), "gpus": max(gpus)}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -10,7 +11,7 @@ from cluster.config import ConfigError, apply_overrides, atomic_write_text, from
 from cluster.schemas.data import DataConfig
 from cluster.schemas.eval import EvalConfig
 from cluster.schemas.model import ModelConfig, TokenizerConfig
-from cluster.schemas.rlhf import PPOConfig, RewardConfig, SFTConfig
+from cluster.schemas.rlhf import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 from cluster.schemas.serve import ServeConfig
 from cluster.schemas.train import PretrainConfig
 
@@ -38,6 +39,9 @@ class Recipe:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    # what `raylm run` aligns the SFT model with: ppo (reward + ppo stages; GRPO is ppo.algorithm=grpo) or dpo
+    alignment: Literal["ppo", "dpo"] = "ppo"
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 

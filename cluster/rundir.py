@@ -11,8 +11,9 @@ from typing import Any
 
 from cluster.config import ConfigError
 
-STAGES = ("data", "pretrain", "sft", "reward", "ppo", "eval", "report", "serve")
-MODEL_STAGES = ("ppo", "sft", "pretrain")  # newest first: which trained model a later step should pick up
+STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval", "report", "serve")
+ALIGNED_STAGES = ("ppo", "dpo")
+MODEL_STAGES = (*ALIGNED_STAGES, "sft", "pretrain")  # newest first: which trained model a later step picks up
 
 
 # "s3://b/x", and "s3:/b/x" (what pathlib makes of it): any scheme, so nothing becomes a local folder "s3:".
@@ -50,8 +51,10 @@ class RunDir:
         """Where a training stage writes its final Hugging Face model."""
         return self.root / stage / "model"
 
-    def latest_model(self) -> Path | None:
-        for stage in MODEL_STAGES:
+    def latest_model(self, alignment: str = "ppo") -> Path | None:
+        """The most trained model: the ``alignment`` stage's (ppo or dpo) first, the other aligned one, then
+        sft, then pretrain."""
+        for stage in sorted(MODEL_STAGES, key=lambda s: s != alignment):
             path = self.model_dir(stage)
             if (path / "config.json").exists():
                 return path

@@ -19,7 +19,7 @@ from cluster.config import atomic_write_json, to_dict
 RECORD = "lineage.json"
 # which earlier stages' outputs each stage reads (pipelines/*/stage.py, actors/ppo/stage.py)
 PARENTS = {"data": [], "pretrain": ["data"], "sft": ["pretrain"], "reward": ["sft"], "ppo": ["sft", "reward"],
-           "eval": ["data", "pretrain", "sft", "ppo"]}
+           "dpo": ["sft"], "eval": ["data", "pretrain", "sft", "ppo", "dpo"]}
 # outputs per stage, relative to the stage dir (globs)
 OUTPUTS = {"data": ["shards/*", "documents/*", "tokenizer/tokenizer.json"], "eval": ["results.json"]}
 MODEL_OUTPUTS = ["model/*"]
@@ -64,7 +64,8 @@ def stage_inputs(recipe, stage: str) -> list[Path]:
         from pipelines.data.sources import list_corpus_files
 
         return [Path(r["path"]) for r in list_corpus_files(recipe.data) if Path(r["path"]).is_file()]
-    given = {"sft": recipe.sft.data, "reward": recipe.reward.data, "ppo": recipe.ppo.prompts}.get(stage)
+    given = {"sft": recipe.sft.data, "reward": recipe.reward.data, "ppo": recipe.ppo.prompts,
+             "dpo": recipe.dpo.data}.get(stage)
     files = [given] if given else []
     if stage == "eval":
         files += list(recipe.eval.text)

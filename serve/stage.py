@@ -21,16 +21,17 @@ HEALTH_TIMEOUT_S = 120
 
 
 def resolve_model_dir(ctx: StageContext) -> Path:
-    """``serve.model`` (--model), else ``<run-dir>/ppo/model``, else the latest stage with a model."""
+    """``serve.model`` (--model), else ``<run-dir>/<alignment>/model`` (ppo or dpo, as the recipe says), else
+    the latest stage with a model."""
     explicit = ctx.recipe.serve.model
     if explicit:
         path = Path(explicit).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"serve.model: {path} is not a Hugging Face model dir (no config.json)")
         return path
-    found = ctx.run_dir.latest_model()  # ppo first, then sft, then pretrain
+    found = ctx.run_dir.latest_model(ctx.recipe.alignment)  # the recipe's ppo or dpo, then sft, then pretrain
     if found is None:
-        raise FileNotFoundError(f"serve: no trained model in {ctx.run_dir.root} (looked for ppo/, sft/, "
+        raise FileNotFoundError(f"serve: no trained model in {ctx.run_dir.root} (looked for ppo/, dpo/, sft/, "
                                 f"pretrain/ model dirs); train one or pass --model DIR")
     return found
 

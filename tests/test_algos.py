@@ -225,3 +225,36 @@ def test_has_eos_and_adjust_scores():
     assert whitened.tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)  # mean 3, unbiased std 2
     got = algos.adjust_scores(scores, ended, whiten=True, clip=0.5, missing_eos_penalty=1.0)
     assert got.tolist() == pytest.approx([-0.5, -1.0, 0.5], abs=1e-6)  # whiten, clip, then the penalty
+
+
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_dpo_loss_matches_loop(loss_type, smoothing):
+    g = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) * 3 for _ in range(4))
+    beta = 0.3
+    loss, stats = algos.dpo_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=smoothing)
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+    losses, chosen, rejected, wins = [], [], [], 0
+    for i in range(6):
+        h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        if loss_type == "sigmoid":
+            losses.append(-(1 - smoothing) * log_sigmoid(beta * h) - smoothing * log_sigmoid(-beta * h))
+        else:
+            losses.append((h - 1 / (2 * beta)) ** 2)
+        chosen.append(beta * (pc[i].item() - rc[i].item()))
+        rejected.append(beta * (pr[i].item() - rr[i].item()))
+        wins += chosen[-1] > rejected[-1]
+    assert loss.item() == pytest.approx(sum(losses) / 6, abs=TOL)
+    assert stats["chosen_reward"].item() == pytest.approx(sum(chosen) / 6, abs=TOL)
+    assert stats["rejected_reward"].item() == pytest.approx(sum(rejected) / 6, abs=TOL)
+    assert stats["margin"].item() == pytest.approx((sum(chosen) - sum(rejected)) / 6, abs=TOL)
+    assert stats["accuracy"].item() == pytest.approx(wins / 6, abs=TOL)
+
+
+def test_dpo_loss_at_the_reference_is_log2_and_its_gradient_prefers_chosen():
+    logps = torch.tensor([-5.0, -7.0], requires_grad=True)
+    ref = torch.tensor([-5.0, -7.0])
+    loss, stats = algos.dpo_loss(logps[:1], logps[1:], ref[:1], ref[1:], beta=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2), abs=TOL) and stats["accuracy"].item() == 0.0
+    assert logps.grad[0] < 0 < logps.grad[1]  # descent raises the chosen reply's log-prob, lowers the rejected's

@@ -34,6 +34,36 @@ class RoleConfig:
             raise ValueError(f"replicas: must be >= 1, got {self.replicas}")
 
 
+@dataclass(kw_only=True)
+class DPOConfig(TrainConfig):
+    """``raylm dpo``: the SFT model trained directly on preference pairs against itself, frozen, as reference."""
+
+    data: str | None = None  # prompt/chosen/rejected or HH transcripts (as reward.data); None: built-in pairs
+    max_len: int = 256  # prompt + reply tokens
+    max_prompt_len: int = 128  # a longer prompt keeps its end (the turns nearest the reply)
+    val_fraction: float = 0.1
+    beta: float = 0.1  # strength of the implicit KL to the reference: smaller lets the policy move further
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0  # sigmoid only: the share of pairs assumed mislabelled (conservative DPO)
+    reference: RoleConfig = field(default_factory=RoleConfig)  # the actors computing reference log-probs
+    reference_batch_size: int = 16  # pairs per reference forward
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"beta: must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing: applies to loss_type sigmoid only, got loss_type={self.loss_type}")
+        if not 0 < self.max_prompt_len < self.max_len:
+            raise ValueError(f"max_prompt_len: must be in (0, max_len={self.max_len}), got {self.max_prompt_len}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.reference_batch_size < 1:
+            raise ValueError(f"reference_batch_size: must be >= 1, got {self.reference_batch_size}")
+
+
 @dataclass(frozen=True)
 class RewardFunctionSpec:
     """One entry of ``ppo.reward_functions``: ``path/to/file.py:function`` or ``module:function``, optionally

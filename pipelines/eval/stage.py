@@ -23,7 +23,7 @@ from pipelines.eval.reward_eval import evaluate_reward_model
 log = logging.getLogger("raylm")
 
 SCHEMA_VERSION = 1
-RUN_MODELS = ("pretrain", "sft", "ppo")  # pipeline order; the reward model is a scorer, not a language model
+RUN_MODELS = ("pretrain", "sft", "ppo", "dpo")  # pipeline order; the reward model is a scorer, not a language model
 RESULTS = "results.json"
 
 

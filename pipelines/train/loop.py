@@ -48,20 +48,30 @@ def _mean_over_ranks(value: float, device: torch.device, count: float = 1.0) -> 
     return float(pair[0] / pair[1]) if pair[1] > 0 else float("nan")
 
 
-def train_step(engine, task: TrainTask, stream: BatchStream, cfg: TrainConfig, pipeline: bool) -> float:
-    """One optimizer step (``grad_accum`` micro-batches); returns the mean loss over all ranks."""
+def train_step(engine, task: TrainTask, stream: BatchStream, cfg: TrainConfig, pipeline: bool
+               ) -> tuple[float, dict[str, float]]:
+    """One optimizer step (``grad_accum`` micro-batches); returns the mean loss over all ranks and the mean of
+    the loss function's extra metrics (e.g. DPO's accuracy and margin), over micro-batches and ranks."""
     if pipeline:
         # PipelineEngine pulls grad_accum micro-batches itself and returns the loss averaged over data ranks.
-        return float(engine.train_batch(data_iter=stream))
+        return float(engine.train_batch(data_iter=stream)), {}
     total = torch.zeros((), dtype=torch.float32, device=engine.device)
+    extras: dict[str, torch.Tensor] = {}
     for _ in range(cfg.grad_accum):
-        loss, _ = task.loss_fn(engine, next(stream))
+        loss, stats = task.loss_fn(engine, next(stream))
         engine.backward(loss)
         engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
         # Summed on the device: a float() here would wait for the GPU after every micro-batch, and the host
         # could no longer queue the next micro-batch's kernels while this one runs.
         total += loss.detach().float()
-    return _mean_over_ranks(float(total) / cfg.grad_accum, engine.device)
+        for key, value in stats.items():
+            value = torch.as_tensor(value, dtype=torch.float32, device=engine.device).detach()
+            extras[key] = extras[key] + value if key in extras else value
+    keys = sorted(extras)  # the same loss function on every rank: the same keys, reduced in one call
+    means = torch.stack([total] + [extras[k] for k in keys]).double() / cfg.grad_accum
+    dist.all_reduce(means)
+    means = (means / dist.get_world_size()).tolist()
+    return means[0], dict(zip(keys, means[1:]))
 
 
 @torch.no_grad()
@@ -126,13 +136,13 @@ def train_worker(config: dict[str, Any]) -> None:
     end = cfg.stop_at_step or cfg.max_steps
     while position.step < end:
         t0, tokens0, lr = time.perf_counter(), stream.tokens, engine.get_lr()[0]  # lr of this step
-        loss = train_step(engine, task, stream, cfg, pipeline)
+        loss, extras = train_step(engine, task, stream, cfg, pipeline)
         seconds = time.perf_counter() - t0
         position = Position(position.step + 1, stream.epoch, stream.index)
         tokens_per_s = (stream.tokens - tokens0) * dp_world / seconds
         record = {"step": position.step, "loss": loss, "lr": lr, "epoch": stream.epoch,
                   "grad_norm": _grad_norm(engine), "tokens_per_s": tokens_per_s, "step_s": seconds,
-                  "mfu": mfu(task.flops_per_token, tokens_per_s, peak_total)}
+                  "mfu": mfu(task.flops_per_token, tokens_per_s, peak_total), **extras}
         last = position.step == end
         if position.step % cfg.eval_every == 0 or last:
             record.update(evaluate(engine, task, cfg, dp_rank, dp_world, pipeline))
