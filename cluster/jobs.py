@@ -257,7 +257,8 @@ def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str]
         recipe = load_recipe(parsed.config, parsed.overrides)  # ConfigError here: nothing submitted
         if parsed.run_dir:
             check_local(parsed.run_dir)
-        if args[0] in ("ppo", "run"):  # the stages that load reward functions (in the job, from its cwd)
+        runs_ppo = args[0] == "ppo" or (args[0] == "run" and "ppo" in parsed.stages.split(","))
+        if runs_ppo:  # the stage loads its reward functions in the job, from the job's cwd
             args = portable_reward_functions(args, parsed.overrides, recipe.ppo.reward_functions, cwd,
                                              shipped=shipped)
         if not parsed.run_dir:
