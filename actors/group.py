@@ -44,8 +44,14 @@ def _shared_placement(roles: dict[str, RoleConfig], name: str) -> dict[str, Plac
             for role, cfg in roles.items()}
 
 
+def role_config(cfg: PPOConfig, role: str) -> RoleConfig:
+    if role == "vllm":  # rollout engines: one bundle of vllm_tensor_parallel GPUs per engine
+        return RoleConfig(replicas=cfg.vllm_engines, num_cpus=1, num_gpus=cfg.vllm_tensor_parallel)
+    return getattr(cfg, role)
+
+
 def plan_placement(cfg: PPOConfig, roles: tuple[str, ...]) -> dict[str, Placement]:
-    """Placement groups for ``roles`` (a subset of policy/critic/reward/reference), honouring colocation."""
+    """Placement groups for ``roles`` (a subset of policy/critic/reward/reference/vllm), honouring colocation."""
     groups: list[dict[str, RoleConfig]] = []
     pending = list(roles)
     for a, b, on in (("policy", "reference", cfg.colocate_reference_with_policy),
@@ -54,7 +60,7 @@ def plan_placement(cfg: PPOConfig, roles: tuple[str, ...]) -> dict[str, Placemen
             groups.append({a: getattr(cfg, a), b: getattr(cfg, b)})
             pending.remove(a)
             pending.remove(b)
-    groups += [{r: getattr(cfg, r)} for r in pending]
+    groups += [{r: role_config(cfg, r)} for r in pending]
     plan: dict[str, Placement] = {}
     for group in groups:
         plan.update(_shared_placement(group, "raylm-ppo-" + "+".join(group)))

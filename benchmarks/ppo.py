@@ -30,14 +30,15 @@ TRL_VERSION = "1.12.0"  # the last TRL release with PPOTrainer
 DEFAULT_TRL_ENV = Path.home() / ".cache" / "raylm" / "trl-venv"
 
 
-def setup_trl_env(env: Path) -> None:
+def setup_trl_env(env: Path, version: str = TRL_VERSION) -> None:
+    """A venv that sees this project's packages (a .pth file: the same torch/transformers kernels) plus TRL."""
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
     py = env / "bin" / "python"
     site_dir = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
                               capture_output=True, text=True).stdout.strip()
     ours = next(p for p in sys.path if p.endswith("site-packages"))
     Path(site_dir, "raylm-main.pth").write_text(ours + "\n")  # reuse torch/transformers: same kernels
-    subprocess.run([str(py), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}", "datasets>=4.7"], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"trl=={version}", "datasets>=4.7"], check=True)
 
 
 def build_models(root: Path, vocab_size: int) -> tuple[Path, Path, list[list[int]], int]:

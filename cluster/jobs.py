@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -26,6 +27,7 @@ from cluster.config import ConfigError
 from cluster.recipe import PROJECT_ROOT, load_recipe
 from cluster.rundir import check_local
 from cluster.runtime import project_runtime_env
+from cluster.schemas.rlhf import RewardFunctionSpec
 from cluster.upload import UploadError, UploadPlan, human_bytes, plan_upload
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -207,6 +209,45 @@ def check_command(command_args: list[str]) -> argparse.Namespace:
         raise JobsError(f"submit: not a valid raylm command: {shlex.join(command_args)}") from None
 
 
+def portable_reward_functions(args: list[str], overrides: list[str], entries: list[str], cwd: Path,
+                              project_root: Path = PROJECT_ROOT, shipped: Collection[str] | None = None
+                              ) -> list[str]:
+    """Make ``ppo.reward_functions`` files resolvable in the job, whose cwd is the uploaded project: each file
+    entry becomes relative to the project (or absolute with ``shipped=None``, the image holding the project).
+    A file that does not exist here, or that the upload does not carry (outside the checkout, git-ignored,
+    withheld), is refused now rather than failing on the cluster. The rewritten list replaces the user's own
+    ``ppo.reward_functions=`` override in place, or follows the last override (the last one wins; overrides
+    stay one contiguous run, as argparse needs)."""
+    rewritten, changed = [], False
+    for i, entry in enumerate(entries):
+        spec = RewardFunctionSpec.parse(entry, f"ppo.reward_functions[{i}]")
+        if not spec.is_file:
+            rewritten.append(entry)
+            continue
+        path = (cwd / spec.source).resolve()
+        if not path.is_file():
+            raise JobsError(f"submit: ppo.reward_functions[{i}]: {entry!r}: no such file {path} (paths are "
+                            f"relative to the directory raylm runs in)")
+        if not _shipped(path, project_root, shipped):
+            where = "outside the checkout" if not path.is_relative_to(project_root) else "git-ignored or withheld"
+            if shipped is not None:
+                raise JobsError(f"submit: ppo.reward_functions[{i}]: {entry!r}: {path} is {where}, so the upload "
+                                f"to the cluster would not carry it; move it into {project_root} as a file git "
+                                f"tracks or does not ignore (or pass --no-working-dir and keep it at this path "
+                                f"on every node)")
+        source = portable_path(str(path), cwd, project_root, shipped)
+        rewritten.append(source + entry[len(spec.source):])  # keeps ":function*weight" as written
+        changed = changed or source != spec.source
+    if not changed:
+        return args
+    override = "ppo.reward_functions=" + json.dumps(rewritten)  # JSON is YAML: paths with spaces stay whole
+    mine = [i for i, a in enumerate(args) if a in overrides and a.split("=", 1)[0].strip() == "ppo.reward_functions"]
+    if mine:
+        return [override if i == mine[-1] else a for i, a in enumerate(args)]
+    at = max((i for i, a in enumerate(args) if a in overrides), default=len(args) - 1) + 1
+    return args[:at] + [override] + args[at:]
+
+
 def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str] | None = None) -> list[str]:
     """Validate the command (and its recipe) locally, pin the run dir, make paths portable."""
     command_args = strip_prefix(command_args)
@@ -216,6 +257,10 @@ def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str]
         recipe = load_recipe(parsed.config, parsed.overrides)  # ConfigError here: nothing submitted
         if parsed.run_dir:
             check_local(parsed.run_dir)
+        runs_ppo = args[0] == "ppo" or (args[0] == "run" and "ppo" in parsed.stages.split(","))
+        if runs_ppo:  # the stage loads its reward functions in the job, from the job's cwd
+            args = portable_reward_functions(args, parsed.overrides, recipe.ppo.reward_functions, cwd,
+                                             shipped=shipped)
         if not parsed.run_dir:
             # The job's cwd is a temporary copy of the project: pin the default run dir to where it would be here.
             args[1:1] = ["--run-dir", str(cwd / "runs" / recipe.name)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -35,6 +36,7 @@ from cluster.jobs import (
     parse_env,
     plain_http_warning,
     portable_args,
+    portable_reward_functions,
     prepare_command,
     runtime_env,
 )
@@ -75,6 +77,33 @@ def test_paths_become_portable(tmp_path):
     # shipped with the working_dir: stays relative; runs/ is not shipped and outside paths: absolute
     assert out == ["data", "-c", "configs/x.yaml", "--run-dir", str(root / "runs/a"),
                    f"--input={tmp_path / 'corpus'}", "--input", "s3://b/c", "data.num_blocks=2"]
+
+
+def test_reward_function_files_travel_with_the_job_or_are_refused(tmp_path):
+    root = tmp_path / "proj"
+    (root / "rewards").mkdir(parents=True)
+    (root / "configs").mkdir()
+    for name in ("mine.py", "ignored.py"):
+        (root / "rewards" / name).write_text("def f(prompts, responses):\n    return [0.0] * len(responses)\n")
+    (tmp_path / "outside.py").write_text("def f(prompts, responses):\n    return [0.0] * len(responses)\n")
+    shipped, cwd = {"rewards/mine.py"}, root / "configs"
+    mine = "ppo.reward_functions=[../rewards/mine.py:f*0.5, pkg.mod:g]"
+    # named from a subdirectory: relative to the project (the job's cwd), replacing the user's override in place
+    out = portable_reward_functions(["ppo", "a.b=1", mine, "--data", "d"], ["a.b=1", mine],
+                                    ["../rewards/mine.py:f*0.5", "pkg.mod:g"], cwd, root, shipped)
+    assert out == ["ppo", "a.b=1", 'ppo.reward_functions=["rewards/mine.py:f*0.5", "pkg.mod:g"]', "--data", "d"]
+    # named in the recipe file: the rewritten list follows the last override (overrides stay contiguous)
+    out = portable_reward_functions(["ppo", "a.b=1", "--data", "d"], ["a.b=1"], ["../rewards/mine.py:f"], cwd, root,
+                                    shipped)
+    assert out == ["ppo", "a.b=1", 'ppo.reward_functions=["rewards/mine.py:f"]', "--data", "d"]
+    assert portable_reward_functions(["ppo"], [], ["rewards/mine.py:f"], root, root, shipped) == ["ppo"]
+    for entry, why in (("../../outside.py:f", "outside the checkout"), ("../rewards/ignored.py:f", "git-ignored"),
+                       ("../rewards/none.py:f", "no such file")):
+        with pytest.raises(JobsError, match=rf"reward_functions\[1\]: '{re.escape(entry)}': .*{why}"):
+            portable_reward_functions(["ppo"], [], ["pkg.mod:g", entry], cwd, root, shipped)
+    # the image holds the project (--no-working-dir): a file outside it must be at the same absolute path there
+    assert portable_reward_functions(["ppo"], [], ["../../outside.py:f"], cwd, root, None) == [
+        "ppo", f'ppo.reward_functions=["{tmp_path / "outside.py"}:f"]']
 
 
 def test_command_is_checked_before_submitting(tmp_path):
@@ -165,6 +194,25 @@ def test_submit_dry_run_lists_the_upload_without_secrets_or_ignored_files(tmp_pa
     plan = plan_upload(root)
     with zipfile.ZipFile(plan.write_zip(tmp_path / "p.zip")) as zf:
         assert sorted(zf.namelist()) == sorted(uploaded) == [rel for rel, _ in plan.files]
+
+
+def test_submit_dry_run_carries_a_reward_function_file(tmp_path):
+    root = _checkout_with_secrets(tmp_path / "proj")
+    (root / "rewards").mkdir()
+    (root / "rewards" / "brevity.py").write_text("def brevity(prompts, responses):\n    return [0.0] * len(responses)\n")
+    (tmp_path / "elsewhere.py").write_text("def f(prompts, responses):\n    return [0.0] * len(responses)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    submit = [sys.executable, "-m", "cluster.cli", "submit", "--dry-run", "--", "ppo", "ppo.use_reward_model=false"]
+    run = lambda entry: subprocess.run([*submit, f"ppo.reward_functions=[{entry}]"], cwd=root / "configs", env={
+        **env, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120, check=False)
+    res = run("../rewards/brevity.py:brevity*0.5")  # named from a subdirectory of the checkout
+    assert res.returncode == 0, res.stderr
+    assert " rewards/brevity.py" in res.stdout  # in the upload listing
+    assert """'ppo.reward_functions=["rewards/brevity.py:brevity*0.5"]'""" in res.stdout  # the job's cwd: the project
+    res = run("../../elsewhere.py:f")
+    assert res.returncode == 1
+    assert "ppo.reward_functions[0]" in res.stderr and "outside the checkout" in res.stderr
+    assert "entrypoint" not in res.stdout
 
 
 def test_upload_over_the_limit_names_the_biggest_files(tmp_path):

@@ -147,3 +147,20 @@ def test_vllm_engine_without_vllm_fails_with_a_clear_message():
 
     with pytest.raises(RuntimeError, match="ppo.rollout_engine: 'vllm' needs the vllm package"):
         require_vllm()
+
+
+@pytest.mark.ray
+def test_vllm_engines_are_planned_in_a_placement_group_like_every_role(ray_cluster):
+    from ray.util.placement_group import remove_placement_group
+
+    from actors.group import plan_placement
+
+    cfg = PPOConfig(rollout_engine="vllm", vllm_engines=2, vllm_tensor_parallel=2)
+    plan = plan_placement(cfg, ("policy", "reference", "reward", "critic", "vllm"))
+    try:  # one bundle of tensor-parallel GPUs per engine; the engine actor takes all of it
+        assert plan["vllm"].pg.bundle_specs == [{"CPU": 1, "GPU": 2}] * 2
+        assert plan["vllm"].bundle_indices == [0, 1] and plan["vllm"].num_gpus == 2
+        assert plan["vllm"].pg is not plan["policy"].pg
+    finally:
+        for pg in {id(p.pg): p.pg for p in plan.values()}.values():
+            remove_placement_group(pg)

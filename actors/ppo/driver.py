@@ -75,6 +75,7 @@ class PPOTrainer:
         self.cfg, self.seed, self.pad_id = cfg, seed, pad_id
         self.grpo = cfg.algorithm == "grpo"
         roles = ("policy", "reference", "reward") + (() if self.grpo else ("critic",))
+        roles += ("vllm",) if cfg.rollout_engine == "vllm" else ()
         plan = plan_placement(cfg, roles)
         wait_ready(plan)
         self.placements = plan
@@ -95,12 +96,12 @@ class PPOTrainer:
             group.setup_distributed()
         self.kl_ctl = algos.KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon,
                                          cfg.kl_coef_min)
-        self.eos_id = ray.get(self.policy.actors[0].special_ids.remote())[1]
+        policy_pad_id, self.eos_id = ray.get(self.policy.actors[0].special_ids.remote())
         self.rollout_engine = None
         if cfg.rollout_engine == "vllm":
             from actors.ppo.vllm_engine import VLLMRollout
 
-            self.rollout_engine = VLLMRollout(cfg, policy_dir)
+            self.rollout_engine = VLLMRollout(cfg, policy_dir, plan["vllm"], policy_pad_id, self.eos_id)
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _generate(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -54,8 +54,9 @@ class _TrainableRole:
     def setup(self, master_addr: str, master_port: int) -> None:
         import deepspeed
 
-        from cluster.schemas.train import TrainConfig
-        from pipelines.train.engine import build_ds_config, skip_cpu_shm_comm_build
+        from pipelines.train.builder import initialize
+        from pipelines.train.ds_config import deepspeed_config
+        from pipelines.train.shm import skip_cpu_shm_comm_build
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -64,15 +65,12 @@ class _TrainableRole:
                                    auto_mpi_discovery=False)
         torch.manual_seed(self.seed + self.rank)
         model = self.load_model().to(_device())
-        lr = self.cfg["lr"]
-        # Reuse the pretraining engine's DeepSpeed config derivation: one place decides ZeRO/precision keys.
-        train_cfg = TrainConfig(micro_batch_size=self.cfg["micro_batch_size"], zero_stage=self.cfg["zero_stage"],
-                                grad_clip=self.cfg["grad_clip"], lr=lr, min_lr=lr, warmup_steps=0,
-                                precision=self.cfg["precision"])
-        ds_config = build_ds_config(train_cfg, self.world_size)
-        # torch AdamW as the client optimizer: a DeepSpeed config optimizer would JIT-compile FusedAdam.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        cfg = self.cfg
+        # The training stages' builder: the same DeepSpeed config derivation and client AdamW; a constant LR.
+        ds_config = deepspeed_config(micro_batch_size=cfg["micro_batch_size"], data_parallel=self.world_size,
+                                     grad_clip=cfg["grad_clip"], zero_stage=cfg["zero_stage"],
+                                     precision=cfg["precision"], on_gpu=torch.cuda.is_available())
+        self.engine = initialize(model, ds_config, lr=cfg["lr"], weight_decay=0.0, on_gpu=torch.cuda.is_available())
 
     def load_model(self):
         raise NotImplementedError
@@ -86,7 +84,10 @@ class _TrainableRole:
         self.engine.save_checkpoint(path, tag=tag, client_state={"rng": torch.get_rng_state()})
 
     def load_checkpoint(self, path: str, tag: str) -> None:
-        load_path, client_state = self.engine.load_checkpoint(path, tag=tag)
+        from pipelines.train.checkpoint import weights_only_loads
+
+        with weights_only_loads():  # a file planted in the run directory cannot run code here
+            load_path, client_state = self.engine.load_checkpoint(path, tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"ppo checkpoint: nothing to load at {path}/{tag}")
         torch.set_rng_state(client_state["rng"])

@@ -7,6 +7,7 @@ quantities (``logprobs``, ``values``, ``advantages`` ...) are ``[B, R]``, aligne
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from actors.algos import entropy_from_logits, logprobs_from_logits
 from pipelines.reward.model import position_ids, token_values
@@ -16,13 +17,10 @@ PAD_VALUES = {"sequences": "pad", "attention_mask": 0, "response_mask": 0}
 
 
 def pad_left(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+    """Token lists -> left-padded ``[B, P]`` ids and attention mask (prompts end where responses begin)."""
+    rows = [torch.tensor(p, dtype=torch.long) for p in prompts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="left")
     return ids, mask
 
 

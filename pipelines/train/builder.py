@@ -43,9 +43,23 @@ def cost_balanced_pipeline(layers: list[torch.nn.Module], costs: list[float] | N
     return CostBalancedPipelineModule(layers=layers, partition_method="parameters", **kwargs)
 
 
-def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_stages: int):
+def initialize(model: torch.nn.Module, ds_config: dict, *, lr: float, betas: tuple[float, float] = (0.9, 0.95),
+               weight_decay: float = 0.0, on_gpu: bool = False, schedule=None):
+    """A DeepSpeed engine over ``model`` with torch AdamW as the client optimizer (a DeepSpeed config optimizer
+    would JIT-compile FusedAdam: minutes on CPU); ``schedule(optimizer)`` makes the LR scheduler (None: a
+    constant LR). The one place engines are made: the training stages (``build_engine``) and the PPO roles."""
     import deepspeed
 
+    # On GPUs the fused AdamW kernel: one pass over the fp32 master weights where the default (foreach) makes
+    # several (+1.6 MFU points on the 125M recipe at 32 x 2 on an H100, docs/pretrain.md). CPU runs keep the
+    # default, which the bitwise resume tests pin.
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True if on_gpu else None)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           lr_scheduler=schedule(optimizer) if schedule is not None else None)
+    return engine
+
+
+def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_stages: int):
     model = task.build_model()
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = cfg.activation_checkpointing
@@ -58,15 +72,9 @@ def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_st
                                        num_stages=pipeline_stages, loss_fn=task.pipeline_loss,
                                        activation_checkpoint_interval=int(cfg.activation_checkpointing),
                                        activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False))
-    betas = tuple(cfg.betas) if cfg.betas else (0.9, 0.95)
-    # On GPUs the fused AdamW kernel: one pass over the fp32 master weights where the default (foreach) makes
-    # several (+1.6 MFU points on the 125M recipe at 32 x 2 on an H100, docs/pretrain.md). CPU runs keep the
-    # default, which the bitwise resume tests pin.
-    fused = True if cfg.gpus_per_worker > 0 else None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, fused=fused)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=warmup_cosine(optimizer, cfg),
-        config=build_ds_config(cfg, world_size, pipeline_stages))
+    engine = initialize(model, build_ds_config(cfg, world_size, pipeline_stages), lr=cfg.lr,
+                        betas=tuple(cfg.betas) if cfg.betas else (0.9, 0.95), weight_decay=cfg.weight_decay,
+                        on_gpu=cfg.gpus_per_worker > 0, schedule=functools.partial(warmup_cosine, cfg=cfg))
     if cfg.compile:
         # DeepSpeed's compile (not torch.compile(model) before initialize): it compiles the wrapped module in
         # place (nn.Module.compile), so parameter names, checkpoints and exports are unchanged, and ZeRO-3's

@@ -26,39 +26,45 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _zero_section(cfg: TrainConfig) -> dict:
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.gpus_per_worker > 0}
-    if cfg.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.gpus_per_worker > 0}
-    if cfg.zero_stage == 3:
+def deepspeed_config(*, micro_batch_size: int, data_parallel: int, grad_clip: float, zero_stage: int,
+                     precision: str, grad_accum: int = 1, offload_optimizer: bool = False,
+                     offload_params: bool = False, on_gpu: bool = False) -> dict:
+    """The derived DeepSpeed config from the few values it depends on: what the stages' ``TrainConfig`` and the
+    PPO roles (``actors.ppo.roles``) both build their engines with."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if zero_stage == 3:
         # Gather the full fp16/bf16 weights on save, so `save_16bit_model`/export need no offline step.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return zero
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * data_parallel,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        # The optimizer is torch AdamW passed by the client: a config optimizer would JIT-compile FusedAdam
+        # (minutes on CPU). ZeRO only trusts its own optimizers unless told otherwise.
+        "zero_allow_untested_optimizer": True,
+        # With optimizer offload DeepSpeed insists on its compiled CPUAdam unless this is off.
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
 
 
 def build_ds_config(cfg: TrainConfig, world_size: int, pipeline_stages: int = 1) -> dict:
     """DeepSpeed config for ``world_size`` ranks; with pipeline parallelism the data-parallel size shrinks."""
     if world_size % pipeline_stages:
         raise ValueError(f"num_workers: {world_size} workers cannot hold {pipeline_stages} pipeline stages")
-    data_parallel = world_size // pipeline_stages
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * data_parallel,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": _zero_section(cfg),
-        # The optimizer is torch AdamW passed by the client: a config optimizer would JIT-compile FusedAdam
-        # (minutes on CPU). ZeRO only trusts its own optimizers unless told otherwise.
-        "zero_allow_untested_optimizer": True,
-        # With optimizer offload DeepSpeed insists on its compiled CPUAdam unless this is off.
-        "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
-        "steps_per_print": _QUIET_STEPS,
-        "wall_clock_breakdown": False,
-    }
+    config = deepspeed_config(micro_batch_size=cfg.micro_batch_size, data_parallel=world_size // pipeline_stages,
+                              grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage, precision=cfg.precision,
+                              grad_accum=cfg.grad_accum, offload_optimizer=cfg.offload_optimizer,
+                              offload_params=cfg.offload_params, on_gpu=cfg.gpus_per_worker > 0)
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
         try:
