@@ -41,8 +41,8 @@ def test_pair_splits_at_the_reply_and_batches_like_a_rollout(tmp_path):
 
 
 def test_alignment_switch_picks_the_stages_and_the_served_model(tmp_path):
-    assert default_stages("ppo") == ["data", "pretrain", "sft", "reward", "ppo", "eval", "serve"]
-    assert default_stages("dpo") == ["data", "pretrain", "sft", "dpo", "eval", "serve"]
+    assert default_stages("ppo") == ["data", "pretrain", "sft", "reward", "ppo", "eval", "report", "serve"]
+    assert default_stages("dpo") == ["data", "pretrain", "sft", "dpo", "eval", "report", "serve"]
     from pipelines.eval.stage import resolve_models
 
     run_dir = RunDir.create(tmp_path)
