@@ -61,7 +61,7 @@ def build_reward_model(lm_dir: Path, out_dir: Path, seed: int = 1) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from pipelines.reward.model import init_reward_model
+    from pipelines.hf_models import init_reward_model
 
     torch.manual_seed(seed)
     model = init_reward_model(lm_dir)

@@ -171,7 +171,7 @@ class CriticActor(_TrainableRole):
     def load_model(self):
         from transformers import AutoConfig
 
-        from pipelines.reward.model import init_reward_model, load_reward_model
+        from pipelines.hf_models import init_reward_model, load_reward_model
 
         architectures = AutoConfig.from_pretrained(self.model_dir).architectures or []
         if any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -219,7 +219,7 @@ class RewardActor:
     ``ppo.reward_functions`` over the decoded texts (``actors.ppo.reward_functions``), or the functions alone."""
 
     def __init__(self, model_dir: str | None, tokenizer_dir: str, cfg: dict[str, Any], functions: list):
-        from pipelines.reward.model import load_reward_model
+        from pipelines.hf_models import load_reward_model
 
         self.cfg, self.functions = cfg, list(functions)
         self.model = None

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from cluster.rundir import MetricsLog
 from cluster.stage import StageContext
+from pipelines.chat.builtin_qa import builtin_pairs, preference_pairs, split_pairs
+from pipelines.chat.records import hash_split
+from pipelines.chat.splits import save_split
+from pipelines.hf_models import export_hf_model, model_max_len
 from pipelines.reward.data import PreferencePair, encode_pairs, read_pairs
 from pipelines.reward.task import evaluate_pairs, pairwise_loss, reward_batches
-from pipelines.sft.builtin_qa import builtin_pairs, preference_pairs, split_pairs
-from pipelines.sft.data import hash_split
-from pipelines.sft.stage import model_max_len
-from pipelines.sft.task import export_hf_model, save_split
 
 log = logging.getLogger("raylm")
 
@@ -51,7 +51,7 @@ def prepare(ctx: StageContext, base: Path) -> tuple[Path, dict, list]:
 
 
 def run(ctx: StageContext) -> dict:
-    from pipelines.reward.model import init_reward_model, load_reward_model
+    from pipelines.hf_models import init_reward_model, load_reward_model
     from pipelines.train.engine import TrainTask, fit
 
     cfg, recipe = ctx.recipe.reward, ctx.recipe

@@ -11,16 +11,11 @@ from functools import partial
 from pathlib import Path
 
 from cluster.stage import StageContext
-from pipelines.sft.builtin_qa import builtin_pairs, split_pairs
-from pipelines.sft.data import encode_chat, hash_split, pack, read_chats
-from pipelines.sft.task import (
-    count_tokens,
-    export_hf_model,
-    load_causal_lm,
-    save_split,
-    sft_batches,
-    sft_loss,
-)
+from pipelines.chat.builtin_qa import builtin_pairs, split_pairs
+from pipelines.chat.records import encode_chat, hash_split, pack, read_chats
+from pipelines.chat.splits import save_split
+from pipelines.hf_models import export_hf_model, load_causal_lm, model_max_len
+from pipelines.sft.task import count_tokens, sft_batches, sft_loss
 
 log = logging.getLogger("raylm")
 
@@ -38,10 +33,6 @@ def split_chats(data: str | None, val_fraction: float) -> tuple[list, list]:
 
 def encode_all(tokenizer, chats: list, max_len: int) -> list[tuple[list[int], list[int]]]:
     return [ex for ex in (encode_chat(tokenizer, c, max_len) for c in chats) if ex is not None]
-
-
-def model_max_len(model_dir: Path) -> int:
-    return json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
 
 
 def prepare(ctx: StageContext, base: Path) -> tuple[Path, dict]:

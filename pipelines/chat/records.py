@@ -1,5 +1,5 @@
-"""SFT data: read chat records (JSONL, JSONL.gz or parquet), render them with the tokenizer's chat template, and
-keep the loss on assistant tokens only (``{% generation %}`` marks them; transformers returns the mask).
+"""Chat records: read them (JSONL, JSONL.gz, JSON or parquet), render them with the tokenizer's chat template,
+and keep the loss on assistant tokens only (``{% generation %}`` marks them; transformers returns the mask).
 
 Record shapes: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}`` or
 ``{"prompt": ..., "response": ...}``. A bad record raises ``ValueError`` naming the file, line and field.
