@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from cluster.commands import STAGE_ENTRYPOINTS, build_parser
+from cluster.commands import BASE_MODEL_STAGES, STAGE_ENTRYPOINTS, build_parser
 from cluster.config import ConfigError
 from cluster.recipe import load_recipe, save_resolved
 from cluster.rundir import RunDir
@@ -27,7 +27,8 @@ log = logging.getLogger("raylm")
 FLAG_OVERRIDES = {
     "input": "data.input",
     "data": {"sft": "sft.data", "reward": "reward.data", "ppo": "ppo.prompts"},
-    "model": {"serve": "serve.model", "eval": "eval.models"},
+    "model": {"serve": "serve.model", "eval": "eval.models", "sft": "sft.base_model", "reward": "reward.base_model",
+              "ppo": "ppo.policy_model", "run": "sft.base_model"},
     "text": "eval.text",
     "host": "serve.host",
     "port": "serve.port",
@@ -98,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "k8s":
             from cluster.k8s import k8s_command
             return k8s_command(args)
-        stages = args.stages.split(",") if args.command == "run" else [args.command]
+        stages = (args.stages or ",".join(STAGE_ENTRYPOINTS)).split(",") if args.command == "run" else [args.command]
         unknown = [s for s in stages if s not in STAGE_ENTRYPOINTS]
         if unknown:
             raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages: {', '.join(STAGE_ENTRYPOINTS)}")
         overrides = list(args.overrides)
-        for stage in stages:
+        # `run --model` is sft's starting model only: reward and ppo go on from the run's sft model.
+        for stage in ["run"] if args.command == "run" else stages:
             overrides += _stage_overrides(args, stage)
         recipe = load_recipe(args.config, overrides)  # validated before Ray starts
+        if args.command == "run" and not args.stages and recipe.sft.base_model:
+            stages = [s for s in BASE_MODEL_STAGES if s != "eval" or recipe.eval.text]
         run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name)
         saved = save_resolved(recipe, run_dir.root)
         log.info("recipe %s -> resolved config %s", recipe.name, saved)

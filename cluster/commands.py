@@ -18,6 +18,10 @@ STAGE_ENTRYPOINTS = {
     "serve": ("serve.stage:run", "serve the model: OpenAI-compatible API + Gradio chat demo"),
 }
 
+# `raylm run` without --stages, when it starts from a model of the user's: what data and pretrain would make is
+# already there (eval scores held-out text, which then has to be named: eval.text).
+BASE_MODEL_STAGES = ("sft", "reward", "ppo", "eval", "serve")
+
 # Flags of the commands above whose values are paths: `raylm submit` makes them portable.
 PATH_FLAGS = ("-c", "--config", "--run-dir", "--input", "--data", "--model", "--out")
 
@@ -36,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline (or --stages) and leave the chat demo up")
     _common(p)
-    p.add_argument("--stages", default=",".join(STAGE_ENTRYPOINTS), help="comma-separated stages to run, in order")
+    p.add_argument("--stages", help="comma-separated stages to run, in order (default: all; with --model or "
+                   "sft.base_model: sft,reward,ppo,serve, and eval when eval.text names held-out text)")
+    p.add_argument("--model", metavar="DIR_OR_HUB_ID", help="start from this Hugging Face causal LM "
+                   "(sft.base_model) instead of data + pretrain")
     p.add_argument("--no-block", action="store_true", help="with serve: return once the app is up")
     for stage, (_, text) in STAGE_ENTRYPOINTS.items():
         p = sub.add_parser(stage, help=text, description=text)
@@ -45,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", action="append", metavar="PATH", help="corpus file/dir/URI (repeatable)")
         if stage in ("sft", "reward", "ppo"):
             p.add_argument("--data", metavar="PATH", help="replaces the stage's built-in data")
+            p.add_argument("--model", metavar="DIR_OR_HUB_ID", help="start from this Hugging Face causal LM "
+                           "instead of the run's previous stage")
         if stage == "eval":
             p.add_argument("--model", action="append", metavar="DIR", help="HF model dir (repeatable; default: "
                            "every model of the run); lm-eval tasks: eval.tasks=[NAME,...]")

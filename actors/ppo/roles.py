@@ -93,23 +93,24 @@ class _TrainableRole:
 
     def export(self, out_dir: str) -> None:
         """Write the model in the Hugging Face format, atomically (rank 0; weights are whole under ZeRO 0-2)."""
-        from transformers import AutoTokenizer
-
         from pipelines.hf_export import staged_directory
+        from pipelines.hf_models import load_tokenizer
 
         if self.rank == 0:
             with staged_directory(out_dir) as tmp:
                 self.engine.module.save_pretrained(tmp)
-                AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
+                load_tokenizer(self.model_dir).save_pretrained(tmp)
 
 
 class PolicyActor(_TrainableRole):
     """The trainable policy: samples rollouts (transformers ``generate``) and takes clipped PPO steps."""
 
     def load_model(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        from pipelines.hf_models import load_tokenizer
+
+        tokenizer = load_tokenizer(self.model_dir)  # the pad and chat-template fallbacks every stage uses
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         return AutoModelForCausalLM.from_pretrained(self.model_dir)
@@ -229,9 +230,9 @@ class RewardActor:
                 p.requires_grad_(False)
         self.tokenizer = None
         if self.functions:
-            from transformers import AutoTokenizer
+            from pipelines.hf_models import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            self.tokenizer = load_tokenizer(tokenizer_dir)
 
     def param_checksum(self) -> float:
         return float(sum(p.abs().sum().item() for p in self.model.parameters())) if self.model is not None else 0.0
