@@ -117,10 +117,11 @@ CHEAP = [f"{stage}.{k}" for stage in ("sft", "reward") for k in (
 @pytest.mark.ray
 @pytest.mark.deepspeed
 @pytest.mark.serve
-@pytest.mark.parametrize("arch", ARCHS)
-def test_run_from_own_model_sft_reward_ppo_serve(ray_cluster, foreign, tmp_path, capsys, arch):
-    """``raylm run --model DIR``: no data or pretrain stage; sft, reward and ppo keep the model's architecture
-    and tokenizer; the hf engine serves the result."""
+@pytest.mark.parametrize("arch,algorithm", [("qwen3", "ppo"), ("gpt_neox", "grpo")])
+def test_run_from_own_model_sft_reward_ppo_serve(ray_cluster, foreign, tmp_path, capsys, arch, algorithm):
+    """``raylm run --model DIR``: no data or pretrain stage; sft, reward and ppo (PPO with its critic on one
+    architecture, GRPO on the other: cheaper) keep the model's architecture and tokenizer; the hf engine serves
+    the result."""
     from openai import OpenAI
     from ray import serve
     from transformers import AutoConfig
@@ -128,7 +129,8 @@ def test_run_from_own_model_sft_reward_ppo_serve(ray_cluster, foreign, tmp_path,
     port, run_dir = free_port(), tmp_path / "run"
     try:
         assert raylm(["run", "--model", str(foreign[arch]), "-c", str(SMOKE), "--run-dir", str(run_dir),
-                      "--no-block", f"serve.port={port}", *CHEAP]) == 0
+                      "--no-block", f"serve.port={port}", f"ppo.algorithm={algorithm}", "ppo.group_size=2",
+                      *CHEAP]) == 0
         err = capsys.readouterr().err
         for i, stage in enumerate(["sft", "reward", "ppo", "serve"], start=1):
             assert f"[{i}/4] {stage}: done in" in err
