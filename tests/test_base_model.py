@@ -102,6 +102,30 @@ def test_serve_engine_refuses_sliding_window_caches(tmp_path):
         check_cache_layers(MistralConfig(num_hidden_layers=1, sliding_window=16), tmp_path)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_continuous_batching_on_non_llama_caches_matches_solo_runs(foreign, arch):
+    """The hf engine's cache surgery (left-pad and concatenate rows joining mid-flight, drop rows that leave)
+    on Qwen3 (GQA, q/k norms) and GPT-NeoX (partial rotary) caches: each request gets what it gets alone."""
+    from serve.batching import RunningBatch, generate
+    from serve.engine import Engine
+    from serve.sampling import SamplingParams
+
+    engine = Engine(foreign[arch])
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    solo = lambda p, n: "".join(d[0].text for d in generate(engine, [p], [greedy(n)]) if d[0])
+    a = engine.text_prompt_ids("What does `json.dumps` do? Serialize obj to a JSON formatted str.")
+    b, c = engine.text_prompt_ids("Return"), engine.text_prompt_ids("The os module")
+    batch, texts = RunningBatch(engine), {"a": "", "b": "", "c": ""}
+    batch.add(["a", "c"], [a, c], [greedy(12), greedy(3)])  # c leaves early: its padding columns are trimmed
+    for step in range(12):
+        if step == 4:
+            batch.add(["b"], [b], [greedy(5)])  # b joins mid-flight with a shorter prompt than a's history
+        for key, delta in batch.step():
+            texts[key] += delta.text
+    assert len(batch) == 0 and texts == {"a": solo(a, 12), "b": solo(b, 5), "c": solo(c, 3)}
+    assert all(texts.values())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
