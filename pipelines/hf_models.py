@@ -7,6 +7,7 @@ Hub ids are handed to transformers as they are: nothing here downloads by itself
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ def resolve_model_ref(ref: str, key: str) -> str:
     if path.exists():
         if not path.is_dir():
             raise FileNotFoundError(f"{key}: {ref} is a file, not a model directory")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError(f"{key}: {path.resolve()}: the model directory is not readable (permissions)")
         missing = [] if (path / "config.json").is_file() else ["config.json"]
         if not any((path / name).is_file() for name in WEIGHT_FILES):
             missing.append(" or ".join(WEIGHT_FILES[::2]))

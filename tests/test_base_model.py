@@ -81,7 +81,7 @@ def test_unusable_model_is_named(tmp_path, foreign, what, match):
 def test_cli_fails_before_ray_starts_naming_the_key(tmp_path, foreign, capsys):
     import ray
 
-    assert not ray.is_initialized()
+    started = ray.is_initialized()  # the session cluster, if a test before this one started it
     args = ["--run-dir", str(tmp_path / "run"), "-c", str(SMOKE)]
     assert raylm(["sft", "--model", str(tmp_path / "nowhere"), *args]) == 1
     assert f"sft.base_model: {tmp_path / 'nowhere'}: no such model directory" in capsys.readouterr().err
@@ -89,7 +89,7 @@ def test_cli_fails_before_ray_starts_naming_the_key(tmp_path, foreign, capsys):
     assert "the model's context is 256 tokens, shorter than sft.max_len=512" in capsys.readouterr().err
     assert raylm(["ppo", "--model", str(foreign["qwen3"]), *args, "ppo.max_new_tokens=250"]) == 1
     assert "shorter than max_prompt_len + max_new_tokens=298" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == started  # every failure came before Ray
 
 
 def test_serve_engine_refuses_sliding_window_caches(tmp_path):
