@@ -46,12 +46,12 @@ REWARD = "pipelines.tasks.arithmetic:correct"
 
 def build_model(root: Path, vocab_size: int) -> tuple[Path, list[str], list[list[int]], int]:
     """A random-init policy of the default recipe's shape; the arithmetic questions and their prompt ids."""
+    from pipelines.chat.builtin_qa import builtin_pairs
     from transformers import AutoModelForCausalLM
 
     from cluster.recipe import load_recipe
     from pipelines.hf_export import export_hf
     from pipelines.model import build_model as build_llama
-    from pipelines.sft.builtin_qa import builtin_pairs
     from pipelines.tasks.arithmetic import demonstrations, problems, question
     from pipelines.tokenizer import train_tokenizer
 

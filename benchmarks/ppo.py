@@ -44,10 +44,10 @@ def setup_trl_env(env: Path, version: str = TRL_VERSION) -> None:
 def build_models(root: Path, vocab_size: int) -> tuple[Path, Path, list[list[int]], int]:
     sys.path.insert(0, str(ROOT))
     from cluster.recipe import load_recipe
+    from pipelines.chat.builtin_qa import builtin_pairs
     from pipelines.hf_export import export_hf
+    from pipelines.hf_models import init_reward_model
     from pipelines.model import build_model
-    from pipelines.reward.model import init_reward_model
-    from pipelines.sft.builtin_qa import builtin_pairs
     from pipelines.tokenizer import train_tokenizer
 
     pairs = builtin_pairs()

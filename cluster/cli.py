@@ -27,7 +27,8 @@ log = logging.getLogger("raylm")
 FLAG_OVERRIDES = {
     "input": "data.input",
     "data": {"sft": "sft.data", "reward": "reward.data", "ppo": "ppo.prompts", "dpo": "dpo.data"},
-    "model": {"serve": "serve.model", "eval": "eval.models"},
+    "model": {"serve": "serve.model", "eval": "eval.models", "sft": "sft.base_model", "reward": "reward.base_model",
+              "ppo": "ppo.policy_model", "run": "sft.base_model"},
     "text": "eval.text",
     "host": "serve.host",
     "port": "serve.port",
@@ -119,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages: {', '.join(STAGE_ENTRYPOINTS)}")
         overrides = list(args.overrides)
-        for stage in stages:
+        # `run --model` is sft's starting model only: reward and ppo go on from the run's sft model.
+        for stage in ["run"] if args.command == "run" else stages:
             overrides += _stage_overrides(args, stage)
         recipe = load_recipe(args.config, overrides)  # validated before Ray starts
-        stages = stages or default_stages(recipe.alignment)
+        stages = stages or default_stages(recipe.alignment, from_model=bool(recipe.sft.base_model),
+                                          eval_text=bool(recipe.eval.text))
         run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name)
         saved = save_resolved(recipe, run_dir.root)
         log.info("recipe %s -> resolved config %s", recipe.name, saved)

@@ -25,9 +25,13 @@ STAGE_ENTRYPOINTS = {
 ALIGNMENT_STAGES = {"ppo": ("reward", "ppo"), "dpo": ("dpo",)}
 
 
-def default_stages(alignment: str) -> list[str]:
-    """`raylm run` without --stages: every stage, aligning the SFT model with PPO/GRPO or with DPO."""
+def default_stages(alignment: str, from_model: bool = False, eval_text: bool = True) -> list[str]:
+    """`raylm run` without --stages: every stage, aligning the SFT model with PPO/GRPO or with DPO. Started from
+    a model of the user's (``from_model``: sft.base_model), data and pretrain are skipped, and eval runs only
+    when it has held-out text to score (``eval_text``: eval.text)."""
     skipped = {s for name, stages in ALIGNMENT_STAGES.items() if name != alignment for s in stages}
+    if from_model:
+        skipped |= {"data", "pretrain"} | (set() if eval_text else {"eval"})
     return [s for s in STAGE_ENTRYPOINTS if s not in skipped]
 
 
@@ -50,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline (or --stages) and leave the chat demo up")
     _common(p)
     p.add_argument("--stages", help="comma-separated stages to run, in order (default: every stage, with "
-                   "reward,ppo or dpo as the recipe's `alignment` says)")
+                   "reward,ppo or dpo as the recipe's `alignment` says; with --model or sft.base_model: no data "
+                   "and pretrain, and eval only when eval.text names held-out text)")
+    p.add_argument("--model", metavar="DIR_OR_HUB_ID", help="start from this Hugging Face causal LM "
+                   "(sft.base_model) instead of data + pretrain")
     p.add_argument("--no-block", action="store_true", help="with serve: return once the app is up")
     for stage, (_, text) in STAGE_ENTRYPOINTS.items():
         p = sub.add_parser(stage, help=text, description=text)
@@ -59,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", action="append", metavar="PATH", help="corpus file/dir/URI (repeatable)")
         if stage in ("sft", "reward", "ppo", "dpo"):
             p.add_argument("--data", metavar="PATH", help="replaces the stage's built-in data")
+            p.add_argument("--model", metavar="DIR_OR_HUB_ID", help="start from this Hugging Face causal LM "
+                           "instead of the run's previous stage")
         if stage == "eval":
             p.add_argument("--model", action="append", metavar="DIR", help="HF model dir (repeatable; default: "
                            "every model of the run); lm-eval tasks: eval.tasks=[NAME,...]")

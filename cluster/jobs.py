@@ -36,6 +36,8 @@ NOT_SUBMITTABLE = ("submit", "jobs")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CLUSTER_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+# `--model org/name` that is not a local path: a Hugging Face hub id, which transformers resolves on the cluster.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SECRETISH = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
@@ -109,11 +111,15 @@ def _shipped(path: Path, project_root: Path, shipped: Collection[str] | None) ->
     return rel in shipped or any(f.startswith(rel + "/") for f in shipped)
 
 
-def portable_path(value: str, cwd: Path, project_root: Path, shipped: Collection[str] | None = None) -> str:
-    """A path as the job must see it: relative inside the shipped project, else absolute; URIs unchanged."""
+def portable_path(value: str, cwd: Path, project_root: Path, shipped: Collection[str] | None = None,
+                  flag: str = "") -> str:
+    """A path as the job must see it: relative inside the shipped project, else absolute; URIs unchanged, and
+    so is a ``--model`` hub id (``org/name`` that is no local path)."""
     if "://" in value:
         return value
     path = (cwd / value).resolve() if not os.path.isabs(value) else Path(value)
+    if flag == "--model" and HUB_ID.fullmatch(value) and not path.exists():
+        return value
     if _shipped(path, project_root, shipped):
         return str(path.relative_to(project_root))
     return str(path)
@@ -128,9 +134,9 @@ def portable_args(args: list[str], cwd: Path, project_root: Path = PROJECT_ROOT,
         arg = args[i]
         flag, eq, value = arg.partition("=")
         if eq and flag in PATH_FLAGS:
-            out.append(f"{flag}={portable_path(value, cwd, project_root, shipped)}")
+            out.append(f"{flag}={portable_path(value, cwd, project_root, shipped, flag)}")
         elif arg in PATH_FLAGS and i + 1 < len(args):
-            out += [arg, portable_path(args[i + 1], cwd, project_root, shipped)]
+            out += [arg, portable_path(args[i + 1], cwd, project_root, shipped, arg)]
             i += 1
         else:
             out.append(arg)

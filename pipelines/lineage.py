@@ -25,6 +25,18 @@ OUTPUTS = {"data": ["shards/*", "documents/*", "tokenizer/tokenizer.json"], "eva
 MODEL_OUTPUTS = ["model/*"]
 
 
+def base_model(recipe, stage: str) -> str | None:
+    """The user's starting model a stage reads instead of its parent's (``--model``), if any."""
+    return {"sft": recipe.sft.base_model, "reward": recipe.reward.base_model,
+            "ppo": recipe.ppo.policy_model}.get(stage)
+
+
+def stage_parents(recipe, stage: str) -> list[str]:
+    """PARENTS, less the stage whose model a base model replaces (a stale record there is no parent)."""
+    replaced = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}.get(stage) if base_model(recipe, stage) else None
+    return [p for p in PARENTS[stage] if p != replaced]
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -67,6 +79,9 @@ def stage_inputs(recipe, stage: str) -> list[Path]:
     given = {"sft": recipe.sft.data, "reward": recipe.reward.data, "ppo": recipe.ppo.prompts,
              "dpo": recipe.dpo.data}.get(stage)
     files = [given] if given else []
+    model = base_model(recipe, stage)
+    if model and Path(model).expanduser().is_dir():  # a hub id is no local file: the recipe section names it
+        files.append(str(Path(model).expanduser()))
     if stage == "eval":
         files += list(recipe.eval.text)
     paths = []
@@ -87,7 +102,7 @@ def record_stage(run_root: Path, recipe, stage: str) -> Path | None:
         return None
     stage_dir = Path(run_root) / stage
     parents = []
-    for parent in PARENTS[stage]:
+    for parent in stage_parents(recipe, stage):
         record = Path(run_root) / parent / RECORD
         if record.is_file():
             parents.append({"stage": parent, "record_sha256": sha256_file(record)})

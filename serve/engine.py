@@ -80,6 +80,19 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def check_cache_layers(config, model_dir) -> None:
+    """serve/batching.py left-pads and concatenates each layer's whole KV history, which only full-attention
+    layers keep (any architecture: Llama, Qwen, GPT-2, GPT-NeoX ...). A sliding-window layer keeps only its
+    last window, so rows of different lengths would no longer line up: refuse at load, not mid-request."""
+    from transformers import DynamicCache
+
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers} - {"DynamicLayer"}
+    if kinds:
+        raise ValueError(f"{model_dir}: the hf engine batches full-attention KV caches only; this model has "
+                         f"{', '.join(sorted(kinds))} layers (sliding-window attention): serve it with "
+                         f"serve.engine=vllm")
+
+
 # ---- per-request decoding state -------------------------------------------------------------------------------
 
 class Row:
@@ -146,6 +159,7 @@ class Engine:
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        check_cache_layers(self.model.config, model_dir)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
         # Prefill computes logits for the last position only, unless a row asks for its prompt's log-probs.

@@ -61,10 +61,53 @@ def build_reward_model(lm_dir: Path, out_dir: Path, seed: int = 1) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from pipelines.reward.model import init_reward_model
+    from pipelines.hf_models import init_reward_model
 
     torch.manual_seed(seed)
     model = init_reward_model(lm_dir)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(lm_dir).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# ChatML, as Qwen's and many other models' own templates: no {% generation %} tags, turns end with <|im_end|>.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_foreign_causal_lm(out_dir: Path, arch: str, seed: int = 0, max_positions: int = 256) -> Path:
+    """A random tiny non-Llama causal LM with a tokenizer unlike the project's, as a user would bring:
+
+    - ``qwen3``: ``Qwen3ForCausalLM``; a ChatML template (no generation tags), EOS ``<|im_end|>``, no BOS.
+    - ``gpt_neox``: ``GPTNeoXForCausalLM`` (untied ``embed_out`` head); no chat template and no pad token.
+    """
+    import torch
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    build_tokenizer(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    if arch == "qwen3":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.eos_token, tok.bos_token, tok.chat_template = "<|im_end|>", None, CHATML_TEMPLATE
+        config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                             max_position_embeddings=max_positions, tie_word_embeddings=True,
+                             pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id)
+        cls = Qwen3ForCausalLM
+    elif arch == "gpt_neox":
+        tok.pad_token, tok.chat_template = None, None
+        config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, max_position_embeddings=max_positions,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cls = GPTNeoXForCausalLM
+    else:
+        raise ValueError(f"arch: {arch!r}")
+    for name in ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (out_dir / name).unlink(missing_ok=True)  # rewritten below without the project's template
+    tok.save_pretrained(out_dir)
+    torch.manual_seed(seed)
+    cls(config).save_pretrained(out_dir)
+    return out_dir

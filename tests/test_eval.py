@@ -21,7 +21,7 @@ from pipelines.data.pack import is_validation
 from pipelines.eval.heldout import cap_bytes
 from pipelines.eval.scoring import bits_per_byte
 from pipelines.eval.stage import evaluate, run
-from pipelines.reward.model import init_reward_model
+from pipelines.hf_models import init_reward_model
 
 VAL_FRACTION = 0.5
 TASKS = ("eval.tasks=[raylm_qa_mc]", "eval.task_limit=3")

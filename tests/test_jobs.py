@@ -77,6 +77,11 @@ def test_paths_become_portable(tmp_path):
     # shipped with the working_dir: stays relative; runs/ is not shipped and outside paths: absolute
     assert out == ["data", "-c", "configs/x.yaml", "--run-dir", str(root / "runs/a"),
                    f"--input={tmp_path / 'corpus'}", "--input", "s3://b/c", "data.num_blocks=2"]
+    (root / "models" / "mine").mkdir(parents=True)
+    out = portable_args(["sft", "--model", "Qwen/Qwen3-0.6B"], cwd=root, project_root=root, shipped=set())
+    assert out == ["sft", "--model", "Qwen/Qwen3-0.6B"]  # a hub id, resolved by transformers on the cluster
+    out = portable_args(["sft", "--model=models/mine"], cwd=root, project_root=root, shipped=set())
+    assert out == ["sft", f"--model={root / 'models' / 'mine'}"]  # a local dir of that shape stays a path
 
 
 def test_reward_function_files_travel_with_the_job_or_are_refused(tmp_path):

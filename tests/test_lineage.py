@@ -44,3 +44,14 @@ def test_a_changed_input_or_a_rerun_parent_is_reported(tmp_path, capsys):
     assert f"changed since recorded: {corpus}" in capsys.readouterr().out
     record_stage(run, recipe, "data")  # the data stage "reran": pretrain's model came from the old data
     assert chain(run / "pretrain")[0]["broken_parents"] == ["data"]
+
+
+def test_a_base_model_is_the_input_of_its_stage_not_the_replaced_parent(tmp_path):
+    _, run, _ = make_run(tmp_path)  # a pretrain record exists, but sft starts from the user's model
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (run / "sft" / "model").mkdir(parents=True)
+    record_stage(run, load_recipe(None, [f"sft.base_model={mine}"]), "sft")
+    [sft] = chain(run / "sft")
+    assert sft["parents"] == [] and [e["path"] for e in sft["inputs"]] == [str(mine / "config.json")]

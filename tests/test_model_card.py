@@ -18,7 +18,7 @@ from pipelines.hf_export import HFExporter, export_hf
 from pipelines.model import build_model
 from pipelines.model_card import BUILTIN_DATA, card_info
 from pipelines.pretrain.export import add_known_eval_results
-from pipelines.sft.task import export_hf_model
+from pipelines.hf_models import export_hf_model
 
 RESULTS = {"heldout": {"source": "data:validation"}, "models": [
     {"name": "pretrain", "weights_sha256": "", "bpb": {"bits_per_byte": 2.36},

@@ -99,7 +99,7 @@ def test_reward_stage_trains_on_hh_file(ray_cluster, tmp_path):
     from cluster.recipe import load_recipe
     from cluster.rundir import RunDir, read_metrics
     from cluster.stage import StageContext
-    from pipelines.reward.model import load_reward_model
+    from pipelines.hf_models import load_reward_model
     from pipelines.reward.stage import run
 
     data = tmp_path / "hh.jsonl.gz"

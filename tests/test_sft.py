@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipelines.sft.builtin_qa import builtin_pairs, first_paragraph, preference_pairs, split_pairs
-from pipelines.sft.data import IGNORE, encode_chat, pack, read_chats
+from pipelines.chat.builtin_qa import builtin_pairs, first_paragraph, preference_pairs, split_pairs
+from pipelines.chat.records import IGNORE, encode_chat, pack, read_chats
 
 
 @pytest.fixture(scope="module")

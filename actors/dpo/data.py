@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from cluster.config import atomic_write_json
 from pipelines.reward.data import PreferencePair
-from pipelines.sft.task import rank_order
+from pipelines.chat.splits import rank_order
 
 EncodedPair = tuple[list[int], list[int], list[int]]  # prompt, chosen reply, rejected reply
 

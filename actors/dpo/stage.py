@@ -84,7 +84,7 @@ def run(ctx: StageContext) -> dict:
     from transformers import AutoTokenizer
 
     from pipelines.reward.stage import split_preferences
-    from pipelines.sft.task import export_hf_model, load_causal_lm
+    from pipelines.hf_models import export_hf_model, load_causal_lm
     from pipelines.train.engine import TrainTask, fit
 
     cfg, recipe = ctx.recipe.dpo, ctx.recipe

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.sft.builtin_qa import builtin_pairs, split_pairs
-from pipelines.sft.data import ROLES, iter_records
+from pipelines.chat.builtin_qa import builtin_pairs, split_pairs
+from pipelines.chat.records import ROLES, iter_records
 
 
 def read_prompt_chats(path: str | Path) -> list[list[dict[str, str]]]:

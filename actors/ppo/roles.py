@@ -95,15 +95,14 @@ class _TrainableRole:
     def export(self, out_dir: str, card=None) -> None:
         """Write the model in the Hugging Face format with its model card (``card``: a
         ``pipelines.model_card.CardInfo``), atomically (rank 0; weights are whole under ZeRO 0-2)."""
-        from transformers import AutoTokenizer
-
         from pipelines.hf_export import staged_directory
+        from pipelines.hf_models import load_tokenizer
         from pipelines.model_card import write_model_card
 
         if self.rank == 0:
             with staged_directory(out_dir) as tmp:
                 self.engine.module.save_pretrained(tmp)
-                AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
+                load_tokenizer(self.model_dir).save_pretrained(tmp)
                 write_model_card(tmp, card)
 
 
@@ -111,9 +110,11 @@ class PolicyActor(_TrainableRole):
     """The trainable policy: samples rollouts (transformers ``generate``) and takes clipped PPO steps."""
 
     def load_model(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        from pipelines.hf_models import load_tokenizer
+
+        tokenizer = load_tokenizer(self.model_dir)  # the pad and chat-template fallbacks every stage uses
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         return AutoModelForCausalLM.from_pretrained(self.model_dir)
@@ -175,7 +176,7 @@ class CriticActor(_TrainableRole):
     def load_model(self):
         from transformers import AutoConfig
 
-        from pipelines.reward.model import init_reward_model, load_reward_model
+        from pipelines.hf_models import init_reward_model, load_reward_model
 
         architectures = AutoConfig.from_pretrained(self.model_dir).architectures or []
         if any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -223,7 +224,7 @@ class RewardActor:
     ``ppo.reward_functions`` over the decoded texts (``actors.ppo.reward_functions``), or the functions alone."""
 
     def __init__(self, model_dir: str | None, tokenizer_dir: str, cfg: dict[str, Any], functions: list):
-        from pipelines.reward.model import load_reward_model
+        from pipelines.hf_models import load_reward_model
 
         self.cfg, self.functions = cfg, list(functions)
         self.model = None
@@ -233,9 +234,9 @@ class RewardActor:
                 p.requires_grad_(False)
         self.tokenizer = None
         if self.functions:
-            from transformers import AutoTokenizer
+            from pipelines.hf_models import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            self.tokenizer = load_tokenizer(tokenizer_dir)
 
     def param_checksum(self) -> float:
         return float(sum(p.abs().sum().item() for p in self.model.parameters())) if self.model is not None else 0.0

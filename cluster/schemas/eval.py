@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # The fixed prompt set: the same on every run, so runs compare side by side. Questions of the built-in SFT
-# data's shape (pipelines/sft/builtin_qa.py) plus one open prompt.
+# data's shape (pipelines/chat/builtin_qa.py) plus one open prompt.
 DEFAULT_PROMPTS = [
     "What does `json.dumps` do?",
     "What does `textwrap.dedent` do?",

@@ -7,20 +7,38 @@ from typing import Literal
 from cluster.schemas.train import TrainConfig
 
 
+def _check_model_ref(value: str | None, key: str) -> None:
+    """Shape only: whether transformers can load the model is checked by the stage before Ray starts."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{key}: must name a model directory or hub id (or be null), got an empty string")
+
+
 @dataclass(kw_only=True)
 class SFTConfig(TrainConfig):
+    # A Hugging Face causal LM (directory or hub id) to start from; None: <run-dir>/pretrain/model.
+    base_model: str | None = None
     data: str | None = None  # JSONL/parquet; None: Q/A pairs derived from the built-in corpus
     max_len: int = 256
     packing: bool = False
     val_fraction: float = 0.1
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_model_ref(self.base_model, "base_model")
+
 
 @dataclass(kw_only=True)
 class RewardConfig(TrainConfig):
+    # A causal LM (directory or hub id) whose body gets the scalar head; None: <run-dir>/sft/model.
+    base_model: str | None = None
     data: str | None = None  # prompt/chosen/rejected or HH transcripts; None: built-in pairs
     max_len: int = 256
     margin: float = 0.0
     val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_model_ref(self.base_model, "base_model")
 
 
 @dataclass(kw_only=True)
@@ -99,6 +117,8 @@ class RewardFunctionSpec:
 @dataclass(kw_only=True)
 class PPOConfig:
     algorithm: Literal["ppo", "grpo"] = "ppo"
+    # The policy (and reference) to start from, a causal LM directory or hub id; None: <run-dir>/sft/model.
+    policy_model: str | None = None
     prompts: str | None = None  # JSONL/parquet with `prompt`; None: built-in prompts
     iterations: int = 20
     rollout_batch_size: int = 16
@@ -170,6 +190,7 @@ class PPOConfig:
             if self.rollout_batch_size % self.group_size:
                 raise ValueError(f"group_size: rollout_batch_size={self.rollout_batch_size} must be a multiple of "
                                  f"group_size={self.group_size} for GRPO")
+        _check_model_ref(self.policy_model, "policy_model")
         _ = self.reward_specs  # parses every entry: a bad one fails here, naming it
         if not self.use_reward_model and not self.reward_functions:
             raise ValueError("use_reward_model: false needs at least one entry in ppo.reward_functions")

@@ -24,7 +24,7 @@ CHOICES = 4
 def qa_multiple_choice(val_fraction: float) -> list[dict]:
     """SFT's held-out questions, each with its true answer and three other functions' answers, in a fixed
     per-question order (the same file on every run)."""
-    from pipelines.sft.builtin_qa import builtin_pairs, split_pairs
+    from pipelines.chat.builtin_qa import builtin_pairs, split_pairs
 
     pairs = builtin_pairs()
     _, held = split_pairs(pairs, val_fraction)

@@ -14,8 +14,8 @@ def evaluate_reward_model(path: str, cfg: RewardConfig, seed: int) -> dict:
     """{"record": results.json's ``reward_model`` entry, "seconds", "pid"}."""
     from transformers import AutoTokenizer
 
+    from pipelines.hf_models import load_reward_model
     from pipelines.reward.data import encode_pairs
-    from pipelines.reward.model import load_reward_model
     from pipelines.reward.stage import split_preferences
     from pipelines.reward.task import evaluate_pairs
 

@@ -1,6 +1,6 @@
 """Reward-model data: preference pairs, as ``prompt``/``chosen``/``rejected`` records or as full-transcript
 ``chosen``/``rejected`` pairs in the Anthropic HH format (``"\\n\\nHuman: ... \\n\\nAssistant: ..."``), whose
-shared prefix becomes the prompt. JSONL, JSONL.gz, JSON or parquet (see ``pipelines.sft.data.iter_records``).
+shared prefix becomes the prompt. JSONL, JSONL.gz, JSON or parquet (see ``pipelines.chat.records.iter_records``).
 
 Every pair becomes (prompt messages, chosen reply, rejected reply) and is rendered with the chat template, the
 same way PPO's rollouts are (prompt + assistant reply + EOS), so the reward model scores what it will see.
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.sft.data import iter_records
+from pipelines.chat.records import iter_records
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _TURN = re.compile(r"\n\n(Human|Assistant):")

@@ -7,8 +7,6 @@ PPO critic's per-token values.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 
@@ -35,28 +33,3 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """One scalar per sequence, read at its last real token: [B]."""
     values = token_values(model, input_ids, attention_mask)
     return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
-
-
-def init_reward_model(lm_dir: str | Path):
-    """A reward model from a causal LM dir: its body, plus a fresh scalar head."""
-    from transformers import LlamaForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # transformers reports the fresh head as MISSING: that is the point here
-    try:
-        return LlamaForSequenceClassification.from_pretrained(str(lm_dir), num_labels=1)
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def load_reward_model(path: str | Path):
-    from transformers import AutoModelForSequenceClassification
-
-    config_path = Path(path) / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"reward model: no config.json in {path}")
-    model = AutoModelForSequenceClassification.from_pretrained(str(path))
-    if model.config.num_labels != 1:
-        raise ValueError(f"reward model: {path} has num_labels={model.config.num_labels}, expected 1")
-    return model

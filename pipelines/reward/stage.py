@@ -1,5 +1,6 @@
-"""``raylm reward``: the SFT model + a scalar head, trained on preference pairs -> ``<run-dir>/reward/model``
-(``LlamaForSequenceClassification``, 1 label). Training runs on the shared engine (Ray Train + DeepSpeed)."""
+"""``raylm reward``: the SFT model (or any causal LM: ``--model`` / ``reward.base_model``) + a scalar head, trained
+on preference pairs -> ``<run-dir>/reward/model`` (the architecture's ``...ForSequenceClassification``, 1 label).
+Training runs on the shared engine (Ray Train + DeepSpeed)."""
 from __future__ import annotations
 
 import logging
@@ -8,13 +9,13 @@ from pathlib import Path
 
 from cluster.rundir import MetricsLog
 from cluster.stage import StageContext
+from pipelines.chat.builtin_qa import builtin_pairs, preference_pairs, split_pairs
+from pipelines.chat.records import hash_split
+from pipelines.chat.splits import save_split
+from pipelines.hf_models import check_base_model, export_hf_model, load_tokenizer
 from pipelines.model_card import card_info
 from pipelines.reward.data import PreferencePair, encode_pairs, read_pairs
 from pipelines.reward.task import evaluate_pairs, pairwise_loss, reward_batches
-from pipelines.sft.builtin_qa import builtin_pairs, preference_pairs, split_pairs
-from pipelines.sft.data import hash_split
-from pipelines.sft.stage import model_max_len
-from pipelines.sft.task import export_hf_model, save_split
 
 log = logging.getLogger("raylm")
 
@@ -31,14 +32,23 @@ def split_preferences(data: str | None, val_fraction: float, seed: int
     return _builtin(preference_pairs(train, seed)), _builtin(preference_pairs(val, seed))
 
 
-def prepare(ctx: StageContext, base: Path) -> tuple[Path, dict, list]:
-    from transformers import AutoTokenizer
-
+def base_model(ctx: StageContext) -> str:
     cfg = ctx.recipe.reward
-    if cfg.max_len > model_max_len(base):
-        raise ValueError(f"reward.max_len: {cfg.max_len} exceeds the model's max_position_embeddings "
-                         f"({model_max_len(base)}, {base / 'config.json'})")
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if cfg.base_model:
+        return check_base_model(cfg.base_model, "reward.base_model", cfg.max_len, "reward.max_len",
+                                scalar_head=True)
+    base = base_model(ctx)
+    return check_base_model(str(base), "reward (the SFT model)", cfg.max_len, "reward.max_len", scalar_head=True)
+
+
+def preflight(ctx: StageContext) -> None:
+    if ctx.recipe.reward.base_model:
+        base_model(ctx)
+
+
+def prepare(ctx: StageContext, base: str) -> tuple[Path, dict, list]:
+    cfg = ctx.recipe.reward
+    tokenizer = load_tokenizer(base)
     train, val = split_preferences(cfg.data, cfg.val_fraction, ctx.recipe.seed)
     need = cfg.num_workers * cfg.micro_batch_size
     if len(train) < need or len(val) < need:
@@ -52,7 +62,7 @@ def prepare(ctx: StageContext, base: Path) -> tuple[Path, dict, list]:
 
 
 def run(ctx: StageContext) -> dict:
-    from pipelines.reward.model import init_reward_model, load_reward_model
+    from pipelines.hf_models import init_reward_model, load_reward_model
     from pipelines.train.engine import TrainTask, fit
 
     cfg, recipe = ctx.recipe.reward, ctx.recipe
@@ -62,11 +72,11 @@ def run(ctx: StageContext) -> dict:
     log.info("reward: %d training / %d validation pairs from %s", counts["train_pairs"], counts["val_pairs"],
              cfg.data or "the built-in Q/A pairs")
     task = TrainTask(
-        build_model=partial(init_reward_model, str(base)),
+        build_model=partial(init_reward_model, base),
         loss_fn=partial(pairwise_loss, margin=cfg.margin),
         batches=partial(reward_batches, data_dir=str(data_dir), micro_batch_size=cfg.micro_batch_size,
                         pad_id=pad_id, seed=recipe.seed),
-        export=partial(export_hf_model, base_dir=str(base), kind="reward",
+        export=partial(export_hf_model, base_dir=base, kind="reward",
                        card=card_info(recipe, ctx.run_dir.root, "reward")),
     )
     stage_dir, model_dir = ctx.stage_dir("reward"), ctx.run_dir.model_dir("reward")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipelines.chat.splits import load_split, rank_order
 from pipelines.reward.model import sequence_scores
-from pipelines.sft.task import load_split, rank_order
 
 
 def pad_rows(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

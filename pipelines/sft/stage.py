@@ -1,4 +1,5 @@
-"""``raylm sft``: supervised fine-tuning of ``<run-dir>/pretrain/model`` on chat data -> ``<run-dir>/sft/model``.
+"""``raylm sft``: supervised fine-tuning of ``<run-dir>/pretrain/model``, or of any causal LM transformers loads
+(``--model`` / ``sft.base_model``: a directory or hub id), on chat data -> ``<run-dir>/sft/model``.
 
 Training runs on the shared engine (Ray Train + DeepSpeed, ``pipelines.train.engine.fit``): resume, metrics
 (loss, val_loss on held-out chats), checkpoints and export all come from there.
@@ -11,17 +12,12 @@ from functools import partial
 from pathlib import Path
 
 from cluster.stage import StageContext
+from pipelines.chat.builtin_qa import builtin_pairs, split_pairs
+from pipelines.chat.records import encode_chat, hash_split, pack, read_chats
+from pipelines.chat.splits import save_split
+from pipelines.hf_models import check_base_model, export_hf_model, load_causal_lm, load_tokenizer
 from pipelines.model_card import card_info
-from pipelines.sft.builtin_qa import builtin_pairs, split_pairs
-from pipelines.sft.data import encode_chat, hash_split, pack, read_chats
-from pipelines.sft.task import (
-    count_tokens,
-    export_hf_model,
-    load_causal_lm,
-    save_split,
-    sft_batches,
-    sft_loss,
-)
+from pipelines.sft.task import count_tokens, sft_batches, sft_loss
 
 log = logging.getLogger("raylm")
 
@@ -41,19 +37,26 @@ def encode_all(tokenizer, chats: list, max_len: int) -> list[tuple[list[int], li
     return [ex for ex in (encode_chat(tokenizer, c, max_len) for c in chats) if ex is not None]
 
 
-def model_max_len(model_dir: Path) -> int:
-    return json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
-
-
-def prepare(ctx: StageContext, base: Path) -> tuple[Path, dict]:
-    """Tokenize the chats once, on the driver, into ``<stage_dir>/data``; returns the dir, counts and pad id."""
-    from transformers import AutoTokenizer
-
+def base_model(ctx: StageContext) -> str:
+    """The model to fine-tune, checked (directory, config, causal-LM head, context, tokenizer)."""
     cfg = ctx.recipe.sft
-    if cfg.max_len > model_max_len(base):
-        raise ValueError(f"sft.max_len: {cfg.max_len} exceeds the model's max_position_embeddings "
-                         f"({model_max_len(base)}, {base / 'config.json'})")
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if cfg.base_model:
+        return check_base_model(cfg.base_model, "sft.base_model", cfg.max_len, "sft.max_len")
+    base = ctx.run_dir.require_model("pretrain", "sft")
+    return check_base_model(str(base), "sft (the pretrained model)", cfg.max_len, "sft.max_len")
+
+
+def preflight(ctx: StageContext) -> None:
+    """A named base model is checked before Ray starts (the run's own is checked when sft runs: an earlier
+    stage of ``raylm run`` may still be writing it)."""
+    if ctx.recipe.sft.base_model:
+        base_model(ctx)
+
+
+def prepare(ctx: StageContext, base: str) -> tuple[Path, dict]:
+    """Tokenize the chats once, on the driver, into ``<stage_dir>/data``; returns the dir, counts and pad id."""
+    cfg = ctx.recipe.sft
+    tokenizer = load_tokenizer(base)
     train_chats, val_chats = split_chats(cfg.data, cfg.val_fraction)
     train, val = encode_all(tokenizer, train_chats, cfg.max_len), encode_all(tokenizer, val_chats, cfg.max_len)
     if cfg.packing:
@@ -72,20 +75,20 @@ def run(ctx: StageContext) -> dict:
     from pipelines.train.engine import TrainTask, fit
 
     cfg, recipe = ctx.recipe.sft, ctx.recipe
-    base = ctx.run_dir.require_model("pretrain", "sft")
+    base = base_model(ctx)
     data_dir, counts = prepare(ctx, base)
     pad_id = counts.pop("pad_id")
-    log.info("sft: %d training / %d validation examples from %s", counts["train_examples"],
+    log.info("sft: %s, %d training / %d validation examples from %s", base, counts["train_examples"],
              counts["val_examples"], cfg.data or "the built-in Q/A pairs")
     task = TrainTask(
-        build_model=partial(load_causal_lm, str(base)),
+        build_model=partial(load_causal_lm, base),
         loss_fn=sft_loss,
         batches=partial(sft_batches, data_dir=str(data_dir), micro_batch_size=cfg.micro_batch_size,
                         pad_id=pad_id, seed=recipe.seed),
-        export=partial(export_hf_model, base_dir=str(base), kind="causal",
+        export=partial(export_hf_model, base_dir=base, kind="causal",
                        card=card_info(recipe, ctx.run_dir.root, "sft")),
         count_tokens=count_tokens,
     )
     summary = fit(task, cfg, ctx.stage_dir("sft"), seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
                   export_dir=ctx.run_dir.model_dir("sft"))
-    return {**summary, **counts, "model": str(ctx.run_dir.model_dir("sft"))}
+    return {**summary, **counts, "base_model": base, "model": str(ctx.run_dir.model_dir("sft"))}

@@ -1,5 +1,6 @@
-"""SFT data: read chat records (JSONL, JSONL.gz or parquet), render them with the tokenizer's chat template, and
-keep the loss on assistant tokens only (``{% generation %}`` marks them; transformers returns the mask).
+"""Chat records: read them (JSONL, JSONL.gz, JSON or parquet), render them with the tokenizer's chat template,
+and keep the loss on assistant tokens only (``{% generation %}`` marks them and transformers returns the mask; a
+template without the tags, as most models' own are, gets the mask from the text spans of its assistant turns).
 
 Record shapes: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}`` or
 ``{"prompt": ..., "response": ...}``. A bad record raises ``ValueError`` naming the file, line and field.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 IGNORE = -100  # label of tokens without loss (transformers' CrossEntropy ignore_index)
 ROLES = ("system", "user", "assistant")
 T = TypeVar("T")
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -77,14 +80,51 @@ def read_chats(path: str | Path) -> list[list[dict[str, str]]]:
     return [to_messages(record, where) for where, record in iter_records(path)]
 
 
+def has_generation_tags(template: str | None) -> bool:
+    return bool(template and _GENERATION_TAG.search(template))
+
+
+def assistant_mask_from_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(input_ids, assistant mask) for a chat template without ``{% generation %}`` tags (most models' own).
+
+    An assistant turn is the text its template adds after the generation prompt of the turns before it (its
+    content and end-of-turn marker); tokens whose text starts inside such a span are learned. Needs a fast
+    tokenizer (character offsets) and a template that renders earlier turns the same in every prefix.
+    """
+    if not tokenizer.is_fast:
+        raise ValueError(f"{type(tokenizer).__name__}: the chat template has no {{% generation %}} tags and the "
+                         "tokenizer is not a fast one, so the assistant tokens cannot be located")
+
+    def render(turns: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    text, spans = render(messages, False), []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], True) if i else ""
+        upto = render(messages[:i + 1], False)
+        if not (text.startswith(upto) and upto.startswith(before)):
+            raise ValueError("the chat template renders earlier turns differently as the chat grows; add "
+                             "{% generation %} tags to it to mark the assistant tokens")
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a <= lo < b for a, b in spans)) for lo, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
 def encode_chat(tokenizer, messages: list[dict[str, str]], max_len: int) -> tuple[list[int], list[int]] | None:
     """(input_ids, labels) with labels = IGNORE outside assistant replies; truncated to ``max_len``.
 
     None when truncation leaves no assistant token (nothing to learn from the example).
     """
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    ids, mask = list(out["input_ids"])[:max_len], list(out["assistant_masks"])[:max_len]
+    if has_generation_tags(tokenizer.chat_template):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    else:
+        ids, mask = assistant_mask_from_spans(tokenizer, messages)
+    ids, mask = ids[:max_len], mask[:max_len]
     if not any(mask):
         return None
     return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
