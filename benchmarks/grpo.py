@@ -46,10 +46,10 @@ REWARD = "pipelines.tasks.arithmetic:correct"
 
 def build_model(root: Path, vocab_size: int) -> tuple[Path, list[str], list[list[int]], int]:
     """A random-init policy of the default recipe's shape; the arithmetic questions and their prompt ids."""
-    from pipelines.chat.builtin_qa import builtin_pairs
     from transformers import AutoModelForCausalLM
 
     from cluster.recipe import load_recipe
+    from pipelines.chat.builtin_qa import builtin_pairs
     from pipelines.hf_export import export_hf
     from pipelines.model import build_model as build_llama
     from pipelines.tasks.arithmetic import demonstrations, problems, question

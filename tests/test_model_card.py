@@ -15,10 +15,10 @@ from cluster.recipe import load_recipe
 from cluster.schemas.model import ModelConfig
 from pipelines.eval.model_eval import weights_sha256
 from pipelines.hf_export import HFExporter, export_hf
+from pipelines.hf_models import export_hf_model
 from pipelines.model import build_model
 from pipelines.model_card import BUILTIN_DATA, card_info
 from pipelines.pretrain.export import add_known_eval_results
-from pipelines.hf_models import export_hf_model
 
 RESULTS = {"heldout": {"source": "data:validation"}, "models": [
     {"name": "pretrain", "weights_sha256": "", "bpb": {"bits_per_byte": 2.36},

@@ -16,8 +16,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from cluster.config import atomic_write_json
-from pipelines.reward.data import PreferencePair
 from pipelines.chat.splits import rank_order
+from pipelines.reward.data import PreferencePair
 
 EncodedPair = tuple[list[int], list[int], list[int]]  # prompt, chosen reply, rejected reply
 

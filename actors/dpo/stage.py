@@ -29,12 +29,11 @@ log = logging.getLogger("raylm")
 
 
 def check_base(ctx: StageContext) -> Path:
-    from pipelines.sft.stage import model_max_len
+    """The run's SFT model, checked (directory, config, causal-LM head, a context of dpo.max_len, tokenizer)."""
+    from pipelines.hf_models import check_base_model
 
     base = ctx.run_dir.require_model("sft", "dpo")
-    if ctx.recipe.dpo.max_len > model_max_len(base):
-        raise ValueError(f"dpo.max_len: {ctx.recipe.dpo.max_len} exceeds the model's max_position_embeddings "
-                         f"({model_max_len(base)}, {base / 'config.json'})")
+    check_base_model(str(base), "dpo (the sft model)", ctx.recipe.dpo.max_len, "dpo.max_len")
     return base
 
 
@@ -83,8 +82,8 @@ def heldout_metrics(ref: list[tuple[float, float]], policy: list[tuple[float, fl
 def run(ctx: StageContext) -> dict:
     from transformers import AutoTokenizer
 
-    from pipelines.reward.stage import split_preferences
     from pipelines.hf_models import export_hf_model, load_causal_lm
+    from pipelines.reward.stage import split_preferences
     from pipelines.train.engine import TrainTask, fit
 
     cfg, recipe = ctx.recipe.dpo, ctx.recipe
