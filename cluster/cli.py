@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cluster.commands import STAGE_ENTRYPOINTS, build_parser
 from cluster.config import ConfigError
+from cluster.progress import RAY_LOGS_ENV, PipelineProgress, link_worker_logs, route_ray_logs
 from cluster.recipe import load_recipe, save_resolved
 from cluster.rundir import RunDir
 from cluster.runtime import init_ray, setup_logging
@@ -66,11 +67,9 @@ def resolve_entrypoint(stage: str):
 
 
 def run_stages(ctx: StageContext, stages: list[str]) -> list[dict]:
-    from cluster.progress import PipelineProgress
-
     entrypoints = [(stage, resolve_entrypoint(stage)) for stage in stages]  # fail before any work
     results = []
-    with PipelineProgress(stages) as progress:
+    with PipelineProgress(stages, recipe=ctx.recipe, run_dir=ctx.run_dir) as progress:
         for stage, fn in entrypoints:
             progress.start(stage)
             with Timer() as t:
@@ -85,6 +84,8 @@ def run_stages(ctx: StageContext, stages: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
+    if getattr(args, "ray_logs", False):
+        os.environ[RAY_LOGS_ENV] = "1"  # one switch for this process, init_ray and the jobs it starts
     try:
         if args.command == "submit":
             from cluster.jobs import submit_command
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name)
         saved = save_resolved(recipe, run_dir.root)
         log.info("recipe %s -> resolved config %s", recipe.name, saved)
+        ray_log = route_ray_logs(run_dir.root / "logs")  # before any stage imports Ray Data
+        if ray_log:
+            log.info("Ray's own logs -> %s (--ray-logs shows them here)", run_dir.root / "logs")
         ctx = StageContext(recipe=recipe, run_dir=run_dir, address=args.address,
                            options={"block": not getattr(args, "no_block", False)})
         for stage in stages:
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             if preflight is not None:
                 preflight(ctx)  # a stage's own inputs (files, names) are checked before any stage runs
         init_ray(recipe.ray, args.address)
+        if ray_log:
+            link_worker_logs(run_dir.root / "logs")
         run_stages(ctx, stages)
         return 0
     except ConfigError as exc:

@@ -27,6 +27,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="YAML recipe (default: configs/tiny-cpu.yaml)")
     p.add_argument("--run-dir", metavar="DIR", help="run directory, a filesystem path (default: runs/<recipe name>)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    p.add_argument("--ray-logs", action="store_true",
+                   help="show Ray's own logs (Ray Data progress, worker output) here instead of <run-dir>/logs/ "
+                        "(also: RAYLM_RAY_LOGS=1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides, e.g. pretrain.zero_stage=3")
 
 
