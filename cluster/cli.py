@@ -1,4 +1,4 @@
-"""The ``raylm`` command: one sub-command per stage, plus ``run``, ``submit`` and ``jobs``.
+"""The ``raylm`` command: one sub-command per stage, plus ``run``, ``submit``, ``k8s`` and ``lineage``.
 
 Stage code is imported lazily inside each command (the one place cluster/ reaches up the layers), so
 ``raylm --help`` and recipe validation stay fast and never start Ray.
@@ -90,9 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "submit":
             from cluster.jobs import submit_command
             return submit_command(args)
-        if args.command == "jobs":
-            from cluster.jobs import jobs_command
-            return jobs_command(args)
         if args.command == "lineage":
             from pipelines.lineage import lineage_command
             return lineage_command(args.model_dir)

@@ -83,9 +83,4 @@ def build_parser() -> argparse.ArgumentParser:
     add_k8s_arguments(p)
     p = sub.add_parser("lineage", help="the chain from a model dir back to the corpus files, checked by hash")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="e.g. runs/tiny-cpu/ppo/model (or a stage dir)")
-    p = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
-    p.add_argument("action", choices=["list", "status", "logs", "stop"])
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS)")
-    p.add_argument("--follow", action="store_true", help="with logs: follow until the job ends")
     return parser
