@@ -118,6 +118,19 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
     return ray
 
 
+def connected_ray():
+    """The Ray runtime of this process, started once by its one owner: ``init_ray``, called by the CLI (or a
+    benchmark, or the tests' ``ray_cluster`` fixture). Stages and the training engine use it and never start
+    Ray themselves: a second start would be a bare ``ray.init`` (Ray Train and Ray Data start one when none is
+    up) without our worker environment, cluster size or loopback binding."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not started: run stages through `raylm` (or call cluster.runtime.init_ray "
+                           "before a stage's run())")
+    return ray
+
+
 @contextmanager
 def node_ip_on_loopback():
     """Start a local cluster whose every process listens on 127.0.0.1 only.

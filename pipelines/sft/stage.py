@@ -84,6 +84,5 @@ def run(ctx: StageContext) -> dict:
         export=partial(export_hf_model, base_dir=str(base), kind="causal"),
         count_tokens=count_tokens,
     )
-    summary = fit(task, cfg, ctx.stage_dir("sft"), seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
-                  export_dir=ctx.run_dir.model_dir("sft"))
+    summary = fit(task, cfg, ctx.stage_dir("sft"), seed=recipe.seed, export_dir=ctx.run_dir.model_dir("sft"))
     return {**summary, **counts, "model": str(ctx.run_dir.model_dir("sft"))}
