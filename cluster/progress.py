@@ -128,6 +128,7 @@ class StageProgress:
         self.tail = MetricsTail(metrics) if metrics else None
         self.step: int | None = None
         self.first: tuple[float, int] | None = None  # (time, step) of the first record seen: the rate's origin
+        self.last_at = 0.0
         self.shown: dict[str, float] = {}
         self.t0 = time.monotonic()
         self._stop = threading.Event()
@@ -139,8 +140,10 @@ class StageProgress:
             if "step" not in record:
                 continue
             self.step = int(record["step"])
-            if self.first is None:
-                self.first = (time.monotonic(), self.step)
+            # The record's own time (MetricsLog writes one): several steps can arrive in one poll.
+            at = float(record.get("time") or time.time())
+            self.first = self.first or (at, self.step)
+            self.last_at = at
             for key in SHOWN:
                 if isinstance(record.get(key), (int, float)):
                     self.shown[key] = record[key]
@@ -148,7 +151,7 @@ class StageProgress:
     def rate(self) -> float | None:
         if self.first is None or self.step is None or self.step <= self.first[1]:
             return None
-        return (self.step - self.first[1]) / max(1e-9, time.monotonic() - self.first[0])
+        return (self.step - self.first[1]) / max(1e-9, self.last_at - self.first[0])
 
     def status(self) -> str:
         elapsed = _duration(time.monotonic() - self.t0)
