@@ -50,6 +50,7 @@ def route_ray_logs(log_dir: Path) -> Path | None:
     path = log_dir / "ray-driver.log"
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_file.setLevel(logging.INFO)  # Ray Data logs DEBUG too (1.6 MB for one data stage); its own file has it
     for name in ("ray", "ray.data"):
         logger = logging.getLogger(name)
         for handler in logger.handlers:
