@@ -62,10 +62,13 @@ def route_ray_logs(log_dir: Path) -> Path | None:
 
 
 def link_worker_logs(log_dir: Path) -> Path | None:
-    """``<run>/logs/ray-session``: a link to this Ray session's log folder (workers, raylet, Ray Data), which
-    Ray writes on the head node; None when this driver joined a cluster elsewhere."""
+    """After ``ray.init``: driver records from INFO up to the file (``ray.init`` set the "ray" logger to
+    WARNING, for the console that now shows only errors), and ``<run>/logs/ray-session``, a link to this Ray
+    session's log folder (workers, raylet, Ray Data), which Ray writes on the head node; None when this driver
+    joined a cluster whose logs are elsewhere."""
     import ray
 
+    logging.getLogger("ray").setLevel(logging.INFO)
     node = ray._private.worker._global_node  # Ray has no public getter for the session dir of a driver
     if node is None:
         return None
