@@ -95,7 +95,8 @@ def _message(cls: type, err: dict) -> str:
     msg = err["msg"]
     for json_word, yaml_word in _YAML_WORDS.items():
         msg = msg.replace(json_word, yaml_word)
-    return f"{loc or '(top level)'}: {msg}, got {err['input']!r}"
+    given = repr(err["input"])
+    return f"{loc or '(top level)'}: {msg}, got {given if len(given) <= 80 else given[:77] + '...'}"
 
 
 def to_dict(obj: Any) -> Any:
