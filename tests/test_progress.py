@@ -74,6 +74,7 @@ def ray_console(monkeypatch):
     console = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("ray", "ray.data")]
     saved = [(lg, list(lg.handlers), [h.level for h in lg.handlers]) for lg in loggers]
+    logger_levels = [lg.level for lg in loggers]  # restored after: the CLI lowers "ray" to INFO
     for handler in [h for lg in loggers for h in lg.handlers]:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             monkeypatch.setattr(handler, "stream", console)
@@ -81,6 +82,8 @@ def ray_console(monkeypatch):
     bars = context.enable_progress_bars
     yield console
     context.enable_progress_bars = bars
+    for logger, level in zip(loggers, logger_levels, strict=True):
+        logger.setLevel(level)
     for logger, handlers, levels in saved:
         for handler in logger.handlers[len(handlers):]:
             logger.removeHandler(handler)
@@ -107,3 +110,21 @@ def test_ray_logs_flag_keeps_them_on_the_console(tmp_path, ray_console, monkeypa
     monkeypatch.setenv("RAYLM_RAY_LOGS", "1")
     assert route_ray_logs(tmp_path / "logs") is None
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.ray
+def test_a_failing_stage_still_prints_its_error_and_little_else(ray_cluster, ray_console, tmp_path, capsys):
+    """Through the CLI on the session cluster: the error of a Ray task (an unreadable input) reaches the console
+    in one line naming the file; Ray's own records went to the run dir."""
+    import gzip
+
+    from cluster.cli import main
+
+    bad = tmp_path / "broken.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"text": "fine line"}\n')[:-12])  # truncated gzip stream
+    run_dir = tmp_path / "run"
+    assert main(["data", "--run-dir", str(run_dir), "--input", str(bad), "data.num_blocks=1"]) == 1
+    err = capsys.readouterr().err
+    assert f"raylm: error: {bad}: " in err
+    assert len(err.splitlines()) < 12, err  # the outline, the error; no Ray Data progress
+    assert (run_dir / "logs" / "ray-driver.log").is_file()
