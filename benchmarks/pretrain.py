@@ -85,12 +85,13 @@ def plain_torch_tokens_per_s(recipe, manifest: dict, shards: Path, steps: int, t
 
 
 def raylm_tokens_per_s(recipe, manifest: dict, shards: Path, stage_dir: Path) -> tuple[float, float]:
+    from cluster.runtime import init_ray
     from pipelines.train.engine import fit
 
+    init_ray(recipe.ray)
     task = pretrain_task(recipe.model, recipe.pretrain, manifest, shards, recipe.seed)
     t0 = time.perf_counter()
-    fit(task, recipe.pretrain, stage_dir, seed=recipe.seed, ray_cfg=recipe.ray,
-        pipeline_stages=recipe.pretrain.pipeline_stages)
+    fit(task, recipe.pretrain, stage_dir, seed=recipe.seed, pipeline_stages=recipe.pretrain.pipeline_stages)
     wall = time.perf_counter() - t0
     speeds = [r["tokens_per_s"] for r in read_metrics(stage_dir) if r["step"] > WARMUP_STEPS]
     return statistics.median(speeds), wall

@@ -132,6 +132,7 @@ def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[st
 
     from cluster.recipe import load_recipe
     from cluster.rundir import RunDir
+    from cluster.runtime import init_ray
     from cluster.stage import StageContext
     from serve.stage import deploy
 
@@ -142,6 +143,7 @@ def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[st
                  "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
                  f"ray.num_cpus={(args.threads or 1) + 2}", *engine, *args.raylm_override]
     recipe = load_recipe(None, overrides)
+    init_ray(recipe.ray)  # the stage runs on the Ray this process owns
     info = deploy(StageContext(recipe=recipe, run_dir=RunDir.create(Path(tempfile.mkdtemp()) / "run")))
     try:
         return measure(name, info["api"], "raylm", args.levels, args.requests, args.max_tokens, count)

@@ -1,4 +1,4 @@
-"""The ``raylm`` command: one sub-command per stage, plus ``run``, ``submit`` and ``jobs``.
+"""The ``raylm`` command: one sub-command per stage, plus ``run``, ``submit``, ``k8s`` and ``lineage``.
 
 Stage code is imported lazily inside each command (the one place cluster/ reaches up the layers), so
 ``raylm --help`` and recipe validation stay fast and never start Ray.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cluster.commands import STAGE_ENTRYPOINTS, build_parser, default_stages
 from cluster.config import ConfigError, atomic_write_json
+from cluster.progress import RAY_LOGS_ENV, PipelineProgress, link_worker_logs, route_ray_logs
 from cluster.recipe import load_recipe, save_resolved
 from cluster.rundir import RunDir
 from cluster.runtime import init_ray, setup_logging
@@ -67,11 +68,9 @@ def resolve_entrypoint(stage: str):
 
 
 def run_stages(ctx: StageContext, stages: list[str]) -> list[dict]:
-    from cluster.progress import PipelineProgress
-
     entrypoints = [(stage, resolve_entrypoint(stage)) for stage in stages]  # fail before any work
     results = []
-    with PipelineProgress(stages) as progress:
+    with PipelineProgress(stages, recipe=ctx.recipe, run_dir=ctx.run_dir) as progress:
         for stage, fn in entrypoints:
             progress.start(stage)
             with Timer() as t:
@@ -100,13 +99,12 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
+    if getattr(args, "ray_logs", False):
+        os.environ[RAY_LOGS_ENV] = "1"  # one switch for this process, init_ray and the jobs it starts
     try:
         if args.command == "submit":
             from cluster.jobs import submit_command
             return submit_command(args)
-        if args.command == "jobs":
-            from cluster.jobs import jobs_command
-            return jobs_command(args)
         if args.command == "lineage":
             from pipelines.lineage import lineage_command
             return lineage_command(args.model_dir)
@@ -129,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name)
         saved = save_resolved(recipe, run_dir.root)
         log.info("recipe %s -> resolved config %s", recipe.name, saved)
+        ray_log = route_ray_logs(run_dir.root / "logs")  # before any stage imports Ray Data
+        if ray_log:
+            log.info("Ray's own logs -> %s (--ray-logs shows them here)", run_dir.root / "logs")
         ctx = StageContext(recipe=recipe, run_dir=run_dir, address=args.address,
                            options={"block": not getattr(args, "no_block", False), "stages": stages})
         for stage in stages:
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             if preflight is not None:
                 preflight(ctx)  # a stage's own inputs (files, names) are checked before any stage runs
         init_ray(recipe.ray, args.address)
+        if ray_log:
+            link_worker_logs(run_dir.root / "logs")
         run_stages(ctx, stages)
         return 0
     except ConfigError as exc:

@@ -44,6 +44,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="YAML recipe (default: configs/tiny-cpu.yaml)")
     p.add_argument("--run-dir", metavar="DIR", help="run directory, a filesystem path (default: runs/<recipe name>)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    p.add_argument("--ray-logs", action="store_true",
+                   help="show Ray's own logs (Ray Data progress, worker output) here instead of <run-dir>/logs/ "
+                        "(also: RAYLM_RAY_LOGS=1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides, e.g. pretrain.zero_stage=3")
 
 
@@ -107,9 +110,4 @@ def build_parser() -> argparse.ArgumentParser:
     add_k8s_arguments(p)
     p = sub.add_parser("lineage", help="the chain from a model dir back to the corpus files, checked by hash")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="e.g. runs/tiny-cpu/ppo/model (or a stage dir)")
-    p = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
-    p.add_argument("action", choices=["list", "status", "logs", "stop"])
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS)")
-    p.add_argument("--follow", action="store_true", help="with logs: follow until the job ends")
     return parser

@@ -1,4 +1,4 @@
-"""Typed recipe loading: YAML (data only) -> nested ``@dataclass(kw_only=True)`` objects.
+"""Typed recipe loading: YAML (data only) -> nested ``@dataclass(kw_only=True)`` objects, validated by pydantic.
 
 Every key is checked: unknown keys, wrong types and failed ``__post_init__`` checks raise ``ConfigError``
 naming the dotted key (``pretrain.zero_stage``) and the file. Nothing is silently rewritten; the only coercion
@@ -7,16 +7,17 @@ is int -> float, which YAML users expect (``lr: 1`` is a float field).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
 import tempfile
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 
 class _Loader(yaml.SafeLoader):
@@ -41,80 +42,61 @@ class ConfigError(ValueError):
     """A recipe problem; the message names the file and the dotted key."""
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        return from_dict(tp, value, prefix=key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        vt = args[1] if len(args) == 2 else Any
-        return {str(k): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+def from_dict(cls: type, data: dict) -> Any:
+    """Build dataclass ``cls`` (and the dataclasses nested in it) from plain YAML data with pydantic.
 
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, validating every key. ``prefix`` is the dotted path so far."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    dotted = (lambda k: f"{prefix}.{k}" if prefix else k)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{dotted(unknown[0])}: unknown key (valid keys: {', '.join(sorted(fields))})")
-    kwargs = {name: _convert(hints[name], value, dotted(name)) for name, value in data.items()}
+    Validated as JSON in strict mode: JSON is what YAML data is, and strict JSON takes a mapping for a
+    dataclass while refusing ``"10"`` or ``true`` for an integer (int -> float is the one coercion). The
+    dataclasses' own ``__post_init__`` checks run as part of it.
+    """
+    text = json.dumps(data, default=str)  # a YAML date becomes a string, refused where the field is not one
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as exc:
-        # __post_init__ checks raise ValueError("field: reason"); prefix the section path.
-        raise ConfigError(f"{dotted(str(exc))}" if prefix else str(exc)) from None
+        return _adapter(cls).validate_json(text, strict=True, extra="forbid")
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_message(cls, err) for err in exc.errors())) from None
+
+
+def _dotted(loc: tuple) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _type_at(cls: type, loc: tuple) -> Any:
+    """The declared type at ``loc`` inside ``cls`` (for the valid keys of an unknown one)."""
+    tp = cls
+    for part in loc:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif args:  # list[X] / X | None
+            tp = args[-1]
+    return tp
+
+
+# pydantic speaks JSON; recipes are YAML.
+_YAML_WORDS = {"Input should be": "expected", "a valid array": "a list", "an object": "a mapping",
+               "a valid dictionary": "a mapping"}
+
+
+def _message(cls: type, err: dict) -> str:
+    """One pydantic error as ``dotted.key: reason``, the shape of the dataclasses' own ValueErrors."""
+    loc = _dotted(err["loc"])
+    if err["type"] == "value_error":  # a __post_init__ check: "field: reason", relative to its section
+        text = str(err["ctx"]["error"])
+        return f"{loc}.{text}" if loc else text
+    if err["type"] == "unexpected_keyword_argument":
+        owner = _type_at(cls, err["loc"][:-1])
+        valid = sorted(f.name for f in dataclasses.fields(owner) if f.init) if dataclasses.is_dataclass(owner) else []
+        return f"{loc}: unknown key" + (f" (valid keys: {', '.join(valid)})" if valid else "")
+    msg = err["msg"]
+    for json_word, yaml_word in _YAML_WORDS.items():
+        msg = msg.replace(json_word, yaml_word)
+    given = repr(err["input"])
+    return f"{loc or '(top level)'}: {msg}, got {given if len(given) <= 80 else given[:77] + '...'}"
 
 
 def to_dict(obj: Any) -> Any:

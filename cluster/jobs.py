@@ -1,4 +1,8 @@
-"""``raylm submit`` and ``raylm jobs``: run raylm commands on a Ray cluster through the Ray Jobs API.
+"""``raylm submit``: run a raylm command on a Ray cluster through the Ray Jobs API.
+
+It adds to Ray's own ``ray job submit`` what Ray cannot know: the command and its recipe are checked before
+anything is sent, paths are rewritten for the cluster, and the upload is exactly git's files minus secrets.
+Listing, inspecting, following and stopping jobs is Ray's ``ray job list/status/logs/stop`` (docs/operations.md).
 
 The job carries this checkout as its ``working_dir`` (with the excludes of ``cluster.runtime``), so a cluster
 on another machine runs exactly the code and recipes you have here. Paths on the command line are made
@@ -32,7 +36,7 @@ from cluster.upload import UploadError, UploadPlan, human_bytes, plan_upload
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 # Commands that cannot run inside a job: they would submit again.
-NOT_SUBMITTABLE = ("submit", "jobs")
+NOT_SUBMITTABLE = ("submit",)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CLUSTER_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
@@ -421,7 +425,7 @@ def submit_command(args: argparse.Namespace) -> int:
         try:
             follow_logs(client, job_id)
         except KeyboardInterrupt:
-            print(f"\nraylm: stopped following; the job goes on (raylm jobs stop {job_id})", file=sys.stderr)
+            print(f"\nraylm: stopped following; the job goes on (ray job stop {job_id})", file=sys.stderr)
             return 130
         wait_terminal(client, job_id)
         return report_end(client, job_id)
@@ -433,48 +437,4 @@ def submit_command(args: argparse.Namespace) -> int:
         if err is None:
             raise
         print(f"raylm: {err}", file=sys.stderr)
-        return 1
-
-
-def _format_time(ms: int | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
-
-
-def list_jobs(client, out=None) -> None:
-    out = out or sys.stdout
-    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
-    out.write(f"{'SUBMISSION ID':36} {'STATUS':10} {'STARTED':19}  ENTRYPOINT\n")
-    for job in jobs:
-        out.write(f"{(job.submission_id or job.job_id or '-'):36} {job.status!s:10} "
-                  f"{_format_time(job.start_time):19}  {job.entrypoint[:80]}\n")
-
-
-def jobs_command(args: argparse.Namespace) -> int:
-    address = DEFAULT_DASHBOARD
-    try:
-        if args.action != "list" and not args.job_id:
-            raise JobsError(f"jobs {args.action}: give a job id (see `raylm jobs list`)")
-        address = dashboard_address(args.address)
-        client = connect(address)
-        if args.action == "list":
-            list_jobs(client)
-            return 0
-        if args.action == "status":
-            info = client.get_job_info(args.job_id)
-            print(f"{args.job_id} {info.status}" + (f": {info.message}" if info.message else ""))
-            return 0
-        if args.action == "logs":
-            if args.follow:
-                follow_logs(client, args.job_id)
-            else:
-                sys.stdout.write(client.get_job_logs(args.job_id))
-            return 0
-        stopped = client.stop_job(args.job_id)
-        print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
-        return 0
-    except Exception as exc:
-        err = exc if isinstance(exc, JobsError) else cluster_error(exc, address)
-        if err is None:
-            raise
-        print(f"raylm: jobs {args.action}: {err}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,12 +28,25 @@ WORKER_ENV = {
 _logging_done = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (as ``logging.lastResort`` does), so a rich progress
+    bar that redirects stderr while it is live prints our lines above itself instead of through it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure the ``raylm`` logger once per process (idempotent)."""
     global _logging_done
     if _logging_done:
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("raylm")
     root.addHandler(handler)
@@ -62,17 +76,21 @@ def shipped_project(limit_mb: float = DEFAULT_LIMIT_MB):
         yield plan, str(plan.write_zip(Path(tmp) / "raylm-project.zip"))
 
 
-def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bool = True):
+def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bool | None = None):
     """Connect to ``address`` / ``RAY_ADDRESS`` / ``cfg.address`` or start a fresh local cluster.
 
-    Returns the ``ray`` module. Idempotent: an already-initialised driver is reused.
+    Returns the ``ray`` module. Idempotent: an already-initialised driver is reused. ``quiet`` (default: unless
+    ``RAYLM_RAY_LOGS=1``): workers' output stays in Ray's log files instead of being copied to this console.
     """
     import ray
+
+    from cluster.progress import ray_logs_on_console
 
     setup_logging()
     if ray.is_initialized():
         return ray
     cfg = cfg or RayConfig()
+    quiet = not ray_logs_on_console() if quiet is None else quiet
     address = address or os.environ.get("RAY_ADDRESS") or cfg.address
     kwargs: dict = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": logging.WARNING}
     if address:
@@ -97,6 +115,19 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
         # address="local": never join a stale cluster left in /tmp/ray by a killed run.
         with node_ip_on_loopback():
             ray.init(address="local", runtime_env=project_runtime_env(), **kwargs, **local)
+    return ray
+
+
+def connected_ray():
+    """The Ray runtime of this process, started once by its one owner: ``init_ray``, called by the CLI (or a
+    benchmark, or the tests' ``ray_cluster`` fixture). Stages and the training engine use it and never start
+    Ray themselves: a second start would be a bare ``ray.init`` (Ray Train and Ray Data start one when none is
+    up) without our worker environment, cluster size or loopback binding."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not started: run stages through `raylm` (or call cluster.runtime.init_ray "
+                           "before a stage's run())")
     return ray
 
 

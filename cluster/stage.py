@@ -18,11 +18,17 @@ class StageNotBuilt(RuntimeError):
 class StageContext:
     recipe: Recipe
     run_dir: RunDir
-    address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS or a fresh local cluster
+    address: str | None = None  # the cluster the CLI joined (--address); None: RAY_ADDRESS or a local one it started
     options: dict[str, Any] = field(default_factory=dict)  # stage-specific CLI flags (e.g. serve's block)
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir.stage(name)
+
+    def ray(self):
+        """The Ray runtime the CLI started before any stage (``cluster.runtime.init_ray``, its one owner)."""
+        from cluster.runtime import connected_ray
+
+        return connected_ray()
 
 
 @dataclass

@@ -14,20 +14,22 @@ CARD = "README.md"
 # the training stages behind each exported model, from scratch
 STAGE_CHAIN = {"pretrain": ("pretrain",), "sft": ("pretrain", "sft"), "reward": ("pretrain", "sft", "reward"),
                "ppo": ("pretrain", "sft", "ppo")}
-PARENT = {"sft": "pretrain", "reward": "sft", "ppo": "sft"}
+PARENT = {"sft": "pretrain", "reward": "sft", "ppo": "sft", "dpo": "sft"}
 BUILTIN_DATA = {"pretrain": "raylm-builtin: the documentation of the installed Python packages",
-                "sft": "raylm-builtin: docstring Q/A chats (pipelines/sft/builtin_qa.py)",
+                "sft": "raylm-builtin: docstring Q/A chats (pipelines/chat/builtin_qa.py)",
                 "reward": "raylm-builtin: preference pairs from the docstring Q/A",
-                "ppo": "raylm-builtin: the docstring questions as prompts"}
+                "ppo": "raylm-builtin: the docstring questions as prompts",
+                "dpo": "raylm-builtin: preference pairs from the docstring Q/A"}
 SUMMARY = {"pretrain": "a decoder-only language model pretrained from scratch on the corpus",
            "sft": "the pretrained model fine-tuned on chats (loss on the assistant's tokens)",
            "reward": "a scalar reward model (the SFT model with a one-output head) trained on preference pairs",
-           "ppo": "the SFT model optimised against the reward with RLHF (PPO or GRPO, KL to the SFT model)"}
+           "ppo": "the SFT model optimised against the reward with RLHF (PPO or GRPO, KL to the SFT model)",
+           "dpo": "the SFT model optimised on preference pairs with DPO (reference: the SFT model)"}
 
 
 @dataclass(frozen=True, kw_only=True)
 class CardInfo:
-    stage: str  # pretrain | sft | reward | ppo
+    stage: str  # pretrain | sft | reward | ppo | dpo
     run: str  # the run directory's name: the model's name on its card
     base_model: str | None = None  # the model this one was trained from (a path); None: from scratch
     datasets: tuple[str, ...] = ()
@@ -41,7 +43,8 @@ def card_info(recipe, run_dir: str | Path, stage: str, results: dict | None = No
     run = Path(run_dir)
     given = {"pretrain": list(recipe.data.input), "sft": [recipe.sft.data] if recipe.sft.data else [],
              "reward": [recipe.reward.data] if recipe.reward.data else [],
-             "ppo": [recipe.ppo.prompts] if recipe.ppo.prompts else []}[stage]
+             "ppo": [recipe.ppo.prompts] if recipe.ppo.prompts else [],
+             "dpo": [recipe.dpo.data] if recipe.dpo.data else []}[stage]
     extra = [("algorithm", recipe.ppo.algorithm)] if stage == "ppo" else []
     if stage == "ppo" and recipe.ppo.use_reward_model:
         extra.append(("reward model", str(run / "reward" / "model")))

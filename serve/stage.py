@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 from cluster.config import atomic_write_json
-from cluster.runtime import init_ray
 from cluster.stage import StageContext
 
 log = logging.getLogger("raylm.serve")
@@ -72,7 +71,7 @@ def deploy(ctx: StageContext) -> dict:
         raise FileNotFoundError(f"serve.report: {cfg.report} does not exist (raylm report RUN_DIR writes it)")
     model_dir = resolve_model_dir(ctx)
     keyed = read_api_key(cfg) is not None  # a missing key file fails here, not in a replica
-    init_ray(ctx.recipe.ray, ctx.address)
+    ctx.ray()  # started by the CLI; Serve runs on it
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_from_config(cfg, model_dir), name=APP_NAME, route_prefix="/")
     urls = endpoint_urls(cfg.host, cfg.port)

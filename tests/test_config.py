@@ -81,3 +81,20 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     recipe_file.write_text("name: r\npretrain:\n  lr: 3e-3\n  min_lr: 3e-4\n")
     recipe = load_recipe(recipe_file, ["ppo.actor_lr=1e-4"])
     assert (recipe.pretrain.lr, recipe.pretrain.min_lr, recipe.ppo.actor_lr) == (3e-3, 3e-4, 1e-4)
+
+
+def test_every_bad_key_is_named_at_once_with_the_value_given():
+    with pytest.raises(ConfigError) as err:
+        load_recipe(CONFIGS / "tiny-cpu.yaml", ["model.dim=abc", "data.input=[a.txt, 3]", "pretrain.stop_at_step=x",
+                                                "pretrain=3"])
+    message = str(err.value)
+    assert "model.dim: expected a valid integer, got 'abc'" in message
+    assert "data.input[1]: expected a valid string, got 3" in message
+    assert "pretrain: expected a mapping, got 3" in message
+
+
+def test_strict_where_yaml_would_guess(tmp_path):
+    # No "10" -> 10, true -> 1 or 2026-01-01 -> anything: only int -> float is accepted.
+    for override, key in [("model.dim=true", "model.dim"), ("seed=2026-01-01", "seed"), ("ppo.prompts=3", "ppo.prompts")]:
+        with pytest.raises(ConfigError, match=rf"{key}: expected a valid"):
+            load_recipe(CONFIGS / "tiny-cpu.yaml", [override])

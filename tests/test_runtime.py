@@ -1,8 +1,10 @@
-"""The local cluster raylm starts listens on loopback only (read from /proc: no `ss` needed)."""
+"""The Ray runtime: one owner starts it; the local cluster listens on loopback only (read from /proc)."""
 from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,13 @@ def test_local_cluster_listens_on_loopback_only(ray_cluster):
     exposed = [a for a in addresses
                if not (a.is_loopback or (a.version == 6 and a.ipv4_mapped and a.ipv4_mapped.is_loopback))]
     assert exposed == []
+
+
+def test_a_stage_without_the_owners_runtime_fails_at_once(tmp_path):
+    # A subprocess: this session's cluster (if another test started it) must not be found.
+    code = ("from cluster.recipe import load_recipe; from cluster.rundir import RunDir; "
+            "from cluster.stage import StageContext; "
+            f"StageContext(recipe=load_recipe(), run_dir=RunDir.create({str(tmp_path)!r})).ray()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 1
+    assert "RuntimeError: Ray is not started: run stages through `raylm`" in res.stderr

@@ -22,7 +22,6 @@ from actors.dpo.scoring import pair_logps
 from actors.dpo.task import count_tokens, dpo_step_loss
 from cluster.config import atomic_write_json
 from cluster.rundir import MetricsLog
-from cluster.runtime import init_ray
 from cluster.stage import StageContext
 
 log = logging.getLogger("raylm")
@@ -83,6 +82,7 @@ def run(ctx: StageContext) -> dict:
     from transformers import AutoTokenizer
 
     from pipelines.hf_models import export_hf_model, load_causal_lm
+    from pipelines.model_card import card_info
     from pipelines.reward.stage import split_preferences
     from pipelines.train.engine import TrainTask, fit
 
@@ -99,7 +99,7 @@ def run(ctx: StageContext) -> dict:
     val_rows = encode_pairs(tokenizer, val, cfg.max_len, cfg.max_prompt_len)
     log.info("dpo: %d training / %d held-out pairs from %s", len(train), len(val),
              cfg.data or "the built-in Q/A pairs")
-    init_ray(recipe.ray, ctx.address)
+    ctx.ray()  # started by the CLI; the reference actors and Ray Train run on it
     stage_dir, model_dir = ctx.stage_dir("dpo"), ctx.run_dir.model_dir("dpo")
     data_dir = stage_dir / "data"
     t0 = time.perf_counter()
@@ -115,11 +115,11 @@ def run(ctx: StageContext) -> dict:
         loss_fn=partial(dpo_step_loss, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing),
         batches=partial(dpo_batches, data_dir=str(data_dir), micro_batch_size=cfg.micro_batch_size, pad_id=pad_id,
                         seed=recipe.seed),
-        export=partial(export_hf_model, base_dir=str(base), kind="causal"),
+        export=partial(export_hf_model, base_dir=str(base), kind="causal",
+                       card=card_info(recipe, ctx.run_dir.root, "dpo")),
         count_tokens=count_tokens,
     )
-    summary = fit(task, cfg, stage_dir, seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
-                  export_dir=model_dir)
+    summary = fit(task, cfg, stage_dir, seed=recipe.seed, export_dir=model_dir)
     out = {**summary, "train_pairs": len(train), "val_pairs": len(val), "reference_s": round(reference_s, 1),
            "reference_reused": reused,
            "model": str(model_dir)}

@@ -7,7 +7,6 @@ import logging
 
 from actors.ppo.prompts import builtin_prompt_chats, encode_prompts, read_prompt_chats
 from cluster.rundir import read_metrics
-from cluster.runtime import init_ray
 from cluster.stage import StageContext
 from pipelines.hf_models import check_base_model, load_tokenizer
 
@@ -69,7 +68,7 @@ def run(ctx: StageContext) -> dict:
     chats = read_prompt_chats(cfg.prompts) if cfg.prompts else builtin_prompt_chats(recipe.sft.val_fraction)
     prompts = encode_prompts(tokenizer, chats, cfg.max_prompt_len)
     log.info("ppo: %s with %d prompts from %s", cfg.algorithm, len(prompts), cfg.prompts or "the built-in questions")
-    init_ray(recipe.ray, ctx.address)
+    ctx.ray()  # started by the CLI; the actor groups are placed on it
     stage_dir, model_dir = ctx.stage_dir("ppo"), ctx.run_dir.model_dir("ppo")
     if functions:
         log.info("ppo: reward = %s", " + ".join((["reward model"] if reward_dir else [])

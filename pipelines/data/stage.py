@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cluster.config import atomic_write_json
-from cluster.runtime import init_ray
 from cluster.stage import StageContext
 from pipelines.data.clean import clean_batch
 from pipelines.data.dedup import exact_dedup, mark_near_duplicates, near_duplicate_clusters
@@ -149,7 +148,7 @@ def run(ctx: StageContext) -> dict:
     cfg = recipe.data
     outputs = DataOutputs(ctx.stage_dir("data"))
     outputs.reset()  # the stale manifest goes first: from here on, the data reads as incomplete
-    ray = init_ray(recipe.ray, ctx.address)
+    ray = ctx.ray()
     configure_data_context()
     clock = StageClock()
     files, docs = _read_and_clean(ray, cfg, clock)

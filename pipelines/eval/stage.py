@@ -12,7 +12,6 @@ from pathlib import Path
 
 from cluster.config import atomic_write_json, to_dict
 from cluster.rundir import MetricsLog, RunDir
-from cluster.runtime import init_ray
 from cluster.schemas.eval import EvalConfig
 from cluster.stage import StageContext
 from pipelines.eval.heldout import HeldOut, load_heldout
@@ -98,7 +97,7 @@ def evaluate(ctx: StageContext, parallel: bool = True) -> dict:
     score_reward = cfg.reward and not cfg.models and (reward_dir / "config.json").is_file()
     reward_args = (str(reward_dir), ctx.recipe.reward, ctx.recipe.seed)
     if parallel:
-        ray = init_ray(ctx.recipe.ray, ctx.address)
+        ray = ctx.ray()
         texts = ray.put(heldout.texts)
         task = ray.remote(evaluate_model).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
         refs = [task.remote(spec, texts, cfg, tasks_dir) for spec in specs]

@@ -34,8 +34,8 @@ def run(ctx: StageContext) -> dict:
     task = pretrain_task(recipe.model, recipe.pretrain, manifest, shards_dir, recipe.seed,
                          card=card_info(recipe, ctx.run_dir.root, "pretrain"))
     export_dir = ctx.run_dir.model_dir("pretrain")
-    summary = fit(task, recipe.pretrain, stage_dir, seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
-                  pipeline_stages=recipe.pretrain.pipeline_stages, export_dir=export_dir)
+    summary = fit(task, recipe.pretrain, stage_dir, seed=recipe.seed, pipeline_stages=recipe.pretrain.pipeline_stages,
+                  export_dir=export_dir)
     summary.update(unigram_entropy_nats=round(manifest["unigram_entropy_nats"], 4), model=str(export_dir))
     atomic_write_json(stage_dir / "summary.json", summary)
     log.info("pretrain: %s", summary)

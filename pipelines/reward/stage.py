@@ -80,8 +80,7 @@ def run(ctx: StageContext) -> dict:
                        card=card_info(recipe, ctx.run_dir.root, "reward")),
     )
     stage_dir, model_dir = ctx.stage_dir("reward"), ctx.run_dir.model_dir("reward")
-    summary = fit(task, cfg, stage_dir, seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
-                  export_dir=model_dir)
+    summary = fit(task, cfg, stage_dir, seed=recipe.seed, export_dir=model_dir)
     # The engine's periodic eval reports val_loss only; accuracy and margin are measured here, on the exported
     # model (which also proves that it loads again).
     held_out = evaluate_pairs(load_reward_model(model_dir), val_rows, pad_id)

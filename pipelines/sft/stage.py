@@ -89,6 +89,5 @@ def run(ctx: StageContext) -> dict:
                        card=card_info(recipe, ctx.run_dir.root, "sft")),
         count_tokens=count_tokens,
     )
-    summary = fit(task, cfg, ctx.stage_dir("sft"), seed=recipe.seed, address=ctx.address, ray_cfg=recipe.ray,
-                  export_dir=ctx.run_dir.model_dir("sft"))
+    summary = fit(task, cfg, ctx.stage_dir("sft"), seed=recipe.seed, export_dir=ctx.run_dir.model_dir("sft"))
     return {**summary, **counts, "base_model": base, "model": str(ctx.run_dir.model_dir("sft"))}

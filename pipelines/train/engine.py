@@ -10,8 +10,8 @@ Public API (used by pretrain, SFT and reward training)::
                      batches=partial(my_batches, data_dir, micro_batch_size),  # (split, rank, world, epoch)
                      export=partial(export_hf, cfg=..., vocab_size=..., tokenizer_dir=..., ),  # (state, out_dir)
                      flops_per_token=flops_per_token(cfg.model, vocab, seq_len))
-    summary = fit(task, recipe.sft, ctx.stage_dir("sft"), seed=recipe.seed, address=ctx.address,
-                  ray_cfg=recipe.ray, export_dir=ctx.run_dir.model_dir("sft"))
+    summary = fit(task, recipe.sft, ctx.stage_dir("sft"), seed=recipe.seed,   # on the Ray the CLI started
+                  export_dir=ctx.run_dir.model_dir("sft"))
 
 What ``fit`` gives every stage, all from the stage's ``TrainConfig``:
 - data parallelism over ``num_workers`` Ray workers (gloo on CPU, NCCL on GPU), ZeRO stage 0-3, optimizer /
@@ -34,9 +34,8 @@ import logging
 import math
 from pathlib import Path
 
-from cluster.recipe import RayConfig
 from cluster.rundir import read_metrics
-from cluster.runtime import init_ray, storage_path
+from cluster.runtime import connected_ray, storage_path
 from cluster.schemas.train import TrainConfig
 from pipelines.train.ds_config import build_ds_config
 from pipelines.train.shm import skip_cpu_shm_comm_build
@@ -56,11 +55,11 @@ def _scaling(cfg: TrainConfig):
                          placement_strategy=cfg.placement_strategy)
 
 
-def fit(task: TrainTask, cfg: TrainConfig, stage_dir: str | Path, *, seed: int = 0, address: str | None = None,
-        ray_cfg: RayConfig | None = None, pipeline_stages: int = 1, export_dir: str | Path | None = None,
-        name: str | None = None) -> dict:
-    """Train ``task`` with ``cfg`` on the Ray cluster; Ray Train's run directory is ``stage_dir`` itself
-    (``storage_path`` = its parent, the run dir; ``name`` defaults to its basename, e.g. "pretrain")."""
+def fit(task: TrainTask, cfg: TrainConfig, stage_dir: str | Path, *, seed: int = 0, pipeline_stages: int = 1,
+        export_dir: str | Path | None = None, name: str | None = None) -> dict:
+    """Train ``task`` with ``cfg`` on this process's Ray cluster (``cluster.runtime.init_ray`` started it); Ray
+    Train's run directory is ``stage_dir`` itself (``storage_path`` = its parent, the run dir; ``name``
+    defaults to its basename, e.g. "pretrain")."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -69,7 +68,7 @@ def fit(task: TrainTask, cfg: TrainConfig, stage_dir: str | Path, *, seed: int =
     stage_dir = Path(stage_dir).resolve()
     stage_dir.mkdir(parents=True, exist_ok=True)
     build_ds_config(cfg, cfg.num_workers, pipeline_stages)  # fail on a bad expert JSON before Ray starts
-    init_ray(ray_cfg, address)
+    connected_ray()  # fail here: TorchTrainer would start a bare local cluster of its own
     backend = "nccl" if cfg.gpus_per_worker > 0 else "gloo"
     trainer = TorchTrainer(
         train_worker,
