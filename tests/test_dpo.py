@@ -68,7 +68,7 @@ def test_preflight_wants_the_sft_model_unless_the_same_run_trains_it(tmp_path):
 
 @pytest.mark.parametrize("override,match", [("dpo.beta=0", "dpo.beta: must be > 0"),
                                             ("dpo.max_prompt_len=300", "dpo.max_prompt_len: must be in"),
-                                            ("alignment=rlhf", "alignment: must be one of")])
+                                            ("alignment=rlhf", "alignment: expected .ppo. or .dpo., got .rlhf.")])
 def test_bad_dpo_recipe_names_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_recipe(overrides=[override])
