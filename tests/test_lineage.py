@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from cluster.cli import main as raylm
 from cluster.recipe import load_recipe
-from pipelines.lineage import chain, record_stage
+from pipelines.lineage import chain, check_reusable, record_stage
 
 
 def make_run(tmp_path):
@@ -44,3 +46,42 @@ def test_a_changed_input_or_a_rerun_parent_is_reported(tmp_path, capsys):
     assert f"changed since recorded: {corpus}" in capsys.readouterr().out
     record_stage(run, recipe, "data")  # the data stage "reran": pretrain's model came from the old data
     assert chain(run / "pretrain")[0]["broken_parents"] == ["data"]
+
+
+def test_a_training_stage_never_resumes_checkpoints_of_changed_inputs(tmp_path):
+    corpus, run, recipe = make_run(tmp_path)
+    (run / "pretrain" / "checkpoint_000001").mkdir()  # what a rerun would resume
+    check_reusable(run, recipe, "pretrain")  # nothing changed: resuming is fine
+    (run / "data" / "shards" / "train-00000.parquet").write_bytes(b"other shard")
+    record_stage(run, recipe, "data")  # the data stage reran and wrote other shards
+    with pytest.raises(ValueError, match=f"{run / 'data'} \\(the data stage's outputs changed since pretrain ran\\)"):
+        check_reusable(run, recipe, "pretrain")
+    assert raylm(["pretrain", "--run-dir", str(run), f"data.input=[{corpus}]"]) == 1  # before Ray or any work
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_data_rerun_on_a_changed_corpus_retrains_the_tokenizer(ray_cluster, tmp_path, caplog):
+    from pipelines.data.planted import planted_corpus
+
+    planted_corpus(n_base=40).write_jsonl(tmp_path / "in", files=2)
+    args = ["data", "--run-dir", str(tmp_path / "run"), "--input", str(tmp_path / "in"), "data.quality.languages=[]",
+            "data.num_blocks=2", "data.tokenize.seq_len=64", "tokenizer.vocab_size=300", "tokenizer.train_docs=50"]
+    data = tmp_path / "run" / "data"
+
+    def run_data() -> tuple[dict, str]:
+        assert raylm(args) == 0
+        stats = json.loads((data / "stats.json").read_text())["stages"]["tokenize"]
+        return stats, (data / "tokenizer" / "tokenizer.json").read_text()
+
+    first, tokenizer = run_data()
+    record = (data / "lineage.json").read_bytes()
+    again, _ = run_data()  # the same corpus: the tokenizer is reused and the outputs are the same, byte for byte
+    assert first["tokenizer_trained"] and not again["tokenizer_trained"]
+    assert (data / "lineage.json").read_bytes() == record
+    changed = min((tmp_path / "in").iterdir())
+    changed.write_text(changed.read_text().replace("a", "o"))
+    caplog.clear()
+    third, retrained = run_data()
+    assert third["tokenizer_trained"] and retrained != tokenizer
+    assert f"the corpus changed since the tokenizer at {data / 'tokenizer'} was trained ({changed}" in caplog.text
