@@ -10,6 +10,7 @@ only rewrote the record (``stale_inputs``).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import subprocess
@@ -25,6 +26,9 @@ PARENTS = {"data": [], "pretrain": ["data"], "sft": ["pretrain"], "reward": ["sf
 # outputs per stage, relative to the stage dir (globs)
 OUTPUTS = {"data": ["shards/*", "documents/*", "tokenizer/tokenizer.json"], "eval": ["results.json"]}
 MODEL_OUTPUTS = ["model/*"]
+# What children read of a stage's outputs (globs under its stage dir; default: MODEL_OUTPUTS): the data stage's
+# documents/ are for eval only, and their file names differ on every run (Ray Data names them)
+CONSUMED = {"data": ["shards/*", "tokenizer/tokenizer.json"], "eval": ["results.json"]}
 # What a rerun of a stage on the same run dir picks up from its earlier run instead of recomputing it (globs under
 # the stage dir): the data stage's tokenizer, the training stages' checkpoints (they resume).
 REUSED = {"data": ["tokenizer/tokenizer.json"], "pretrain": ["checkpoint_*"], "sft": ["checkpoint_*"],
@@ -87,16 +91,20 @@ def stage_outputs(stage_dir: Path, stage: str) -> list[Path]:
 
 
 def outputs_digest(stage_dir: Path, entries: list[dict]) -> str:
-    """One sha256 over a stage's recorded outputs (paths relative to the stage dir: a moved run dir still
-    matches)."""
+    """One sha256 over the recorded outputs of a stage that its children read (``CONSUMED``), by path relative
+    to the stage dir (a moved run dir still matches)."""
+    stage_dir = Path(stage_dir)
+    patterns = CONSUMED.get(stage_dir.name, MODEL_OUTPUTS)
     digest = hashlib.sha256()
     for e in sorted(entries, key=lambda e: e["path"]):
-        rel = str(Path(e["path"]).relative_to(stage_dir)) if Path(e["path"]).is_relative_to(stage_dir) else e["path"]
-        digest.update(f"{rel}\0{e['size']}\0{e['sha256']}\n".encode())
+        path = Path(e["path"])
+        rel = path.relative_to(stage_dir) if path.is_relative_to(stage_dir) else path
+        if any(fnmatch.fnmatch(str(rel), pattern) for pattern in patterns):
+            digest.update(f"{rel}\0{e['size']}\0{e['sha256']}\n".encode())
     return digest.hexdigest()
 
 
-def _parent_entry(run_root: Path, parent: str) -> dict | None:
+def parent_entry(run_root: Path, parent: str) -> dict | None:
     record = Path(run_root) / parent / RECORD
     if not record.is_file():
         return None
@@ -110,7 +118,7 @@ def record_stage(run_root: Path, recipe, stage: str) -> Path | None:
     if stage not in PARENTS:
         return None
     stage_dir = Path(run_root) / stage
-    parents = [e for e in (_parent_entry(run_root, p) for p in PARENTS[stage]) if e is not None]
+    parents = [e for e in (parent_entry(run_root, p) for p in PARENTS[stage]) if e is not None]
     doc = {"stage": stage, "recipe": to_dict(getattr(recipe, stage)), "code": code_version(),
            "inputs": [file_entry(p) for p in stage_inputs(recipe, stage)], "parents": parents,
            "outputs": [file_entry(p) for p in stage_outputs(stage_dir, stage)]}
@@ -144,7 +152,7 @@ def stale_inputs(run_root: Path, recipe, stage: str) -> list[str]:
     for parent in doc["parents"]:
         if "outputs_sha256" not in parent:  # recorded before parents' outputs were: only the record hash to go on
             continue
-        now = _parent_entry(run_root, parent["stage"])
+        now = parent_entry(run_root, parent["stage"])
         if now is None or now["outputs_sha256"] != parent["outputs_sha256"]:
             changed.append(f"{run_root / parent['stage']} (the {parent['stage']} stage's outputs changed since "
                            f"{stage} ran)")
