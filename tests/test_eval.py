@@ -200,7 +200,7 @@ def test_parallel_eval_one_ray_task_per_model_gives_the_same_results(ray_cluster
 
 
 def test_policy_quality_against_the_sft_reference(tiny_run, tmp_path):
-    from pipelines.eval.policy import evaluate_policies, response_kl
+    from pipelines.eval.policy import evaluate_policies, response_kls
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": d[:30]}) + "\n" for d in DOCS[:6]), encoding="utf-8")
@@ -214,13 +214,14 @@ def test_policy_quality_against_the_sft_reference(tiny_run, tmp_path):
     assert evaluate_policies(paths, str(tiny_run / "reward" / "model"), recipe)["models"] == got["models"]
     from transformers import AutoModelForCausalLM
 
-    # the KL of one response against a plain per-position loop over the vocabulary
+    # the KLs of a right-padded batch against a plain per-position loop over the vocabulary, one response alone
     p, q = (AutoModelForCausalLM.from_pretrained(paths[k]).eval() for k in ("ppo", "sft"))
-    prompt, response = [5, 6, 7], [8, 9]
-    want = 0.0
-    for t in range(len(response)):
-        ids = torch.tensor([prompt + response[:t]])
-        with torch.no_grad():
-            lp, lq = p(ids).logits[0, -1].log_softmax(-1), q(ids).logits[0, -1].log_softmax(-1)
-        want += float(sum(lp[v].exp() * (lp[v] - lq[v]) for v in range(lp.shape[0])))
-    assert response_kl(p, q, prompt, response) == pytest.approx(want, rel=1e-4)
+    prompts, responses = [[5, 6, 7], [9]], [[8, 9], [4, 5, 6, 7]]
+    for prompt, response, got_kl in zip(prompts, responses, response_kls(p, q, prompts, responses, pad_id=0)):
+        want = 0.0
+        for t in range(len(response)):
+            ids = torch.tensor([prompt + response[:t]])
+            with torch.no_grad():
+                lp, lq = p(ids).logits[0, -1].log_softmax(-1), q(ids).logits[0, -1].log_softmax(-1)
+            want += float(sum(lp[v].exp() * (lp[v] - lq[v]) for v in range(lp.shape[0])))
+        assert got_kl == pytest.approx(want, rel=1e-4)

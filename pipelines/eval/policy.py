@@ -65,22 +65,42 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new: i
     return out
 
 
-@torch.no_grad()
-def response_kl(policy, reference, prompt: list[int], response: list[int]) -> float:
-    """sum over the response's positions of KL(policy(.|prefix) || reference(.|prefix)), in nats."""
-    ids = torch.tensor([prompt + response])
-    start = len(prompt) - 1  # the logits that predict the response's tokens
-    logp = policy(input_ids=ids).logits[0, start:start + len(response)].float().log_softmax(-1)
-    logq = reference(input_ids=ids).logits[0, start:start + len(response)].float().log_softmax(-1)
-    return float((logp.exp() * (logp - logq)).sum())
+def right_padded(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """prompt + response rows, right-padded (a causal model's real tokens then keep positions 0..n-1): ids, mask."""
+    rows = [p + r for p, r in zip(prompts, responses)]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
 
 
 @torch.no_grad()
-def reward_score(reward_model, prompt: list[int], response: list[int]) -> float:
+def response_kls(policy, reference, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                 batch: int = BATCH) -> list[float]:
+    """Per response: the sum over its positions of KL(policy(.|prefix) || reference(.|prefix)), in nats."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        ps, rs = prompts[i:i + batch], responses[i:i + batch]
+        ids, mask = right_padded(ps, rs, pad_id)
+        logp = policy(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        logq = reference(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        per_position = (logp.exp() * (logp - logq)).sum(-1)  # [B, T]: KL of the next-token distributions
+        for row, (p, r) in enumerate(zip(ps, rs)):
+            start = len(p) - 1  # the logits that predict the response's tokens
+            out.append(float(per_position[row, start:start + len(r)].sum()))
+    return out
+
+
+@torch.no_grad()
+def reward_scores(reward_model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                  batch: int = BATCH) -> list[float]:
     from pipelines.reward.model import sequence_scores
 
-    ids = torch.tensor([prompt + response])
-    return float(sequence_scores(reward_model, ids, torch.ones_like(ids))[0])
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids, mask = right_padded(prompts[i:i + batch], responses[i:i + batch], pad_id)
+        out += sequence_scores(reward_model, ids, mask).tolist()
+    return out
 
 
 def evaluate_policies(paths: dict[str, str], reward_dir: str | None, recipe) -> dict:
@@ -105,13 +125,13 @@ def evaluate_policies(paths: dict[str, str], reward_dir: str | None, recipe) -> 
         policy = reference if name == "sft" else load(path)
         responses = sample(policy, prompts, pad, tokenizer.eos_token_id, cfg.max_new_tokens, cfg.temperature,
                            BATCH)
-        kls = [0.0 if policy is reference else response_kl(policy, reference, p, r)
-               for p, r in zip(prompts, responses)]
+        kls = [0.0] * len(prompts) if policy is reference else response_kls(policy, reference, prompts, responses,
+                                                                              pad)
         row = {"kl_to_sft": round(sum(kls) / len(kls), 4),
                "response_tokens_mean": round(sum(map(len, responses)) / len(responses), 2),
                "ended_with_eos": round(sum(r[-1:] == [tokenizer.eos_token_id] for r in responses) / len(responses), 4)}
         if judge is not None:
-            scores[name] = [reward_score(judge, p, r) for p, r in zip(prompts, responses)]
+            scores[name] = reward_scores(judge, prompts, responses, pad)
             row["reward_mean"] = round(sum(scores[name]) / len(prompts), 4)
             row["win_rate_vs_sft"] = None if name == "sft" else round(sum(
                 1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores[name], scores["sft"])) / len(prompts), 4)
