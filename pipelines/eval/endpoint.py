@@ -45,11 +45,11 @@ def api_base(url: str) -> str:
     return base
 
 
-def _get(target_base: str, path: str, headers: dict, what: str) -> httpx.Response:
+def _get(base: str, path: str, headers: dict) -> httpx.Response:
     try:
-        return httpx.get(target_base + path, headers=headers, timeout=TIMEOUT_S)
+        return httpx.get(base + path, headers=headers, timeout=TIMEOUT_S)
     except httpx.HTTPError as exc:
-        raise ValueError(f"eval.endpoint: {target_base} unreachable ({type(exc).__name__}: {exc}){what}") from None
+        raise ValueError(f"eval.endpoint: {base} unreachable ({type(exc).__name__}: {exc})") from None
 
 
 def probe(cfg: EvalConfig) -> Target:
@@ -57,7 +57,7 @@ def probe(cfg: EvalConfig) -> Target:
     base = api_base(cfg.endpoint)
     key = os.environ.get(cfg.api_key_env, "").strip() or None
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    r = _get(base, "/models", headers, "")
+    r = _get(base, "/models", headers)
     if r.status_code in (401, 403):
         said = f"the key in ${cfg.api_key_env}" if key else f"no key (${cfg.api_key_env} is unset)"
         raise ValueError(f"eval.endpoint: {base} refused {said} (HTTP {r.status_code})")
@@ -76,7 +76,7 @@ def probe(cfg: EvalConfig) -> Target:
         model = served[0]
     elif model not in served:
         raise ValueError(f"eval.endpoint_model: {base} does not serve {model!r} (it serves: {', '.join(served)})")
-    card = _get(base, f"/models/{model}", headers, "")
+    card = _get(base, f"/models/{model}", headers)
     return Target(base, model, key, card.json() if card.status_code == 200 else {})
 
 
