@@ -31,6 +31,9 @@ FLAG_OVERRIDES = {
     "model": {"serve": "serve.model", "eval": "eval.models", "sft": "sft.base_model", "reward": "reward.base_model",
               "ppo": "ppo.policy_model", "run": "sft.base_model"},
     "text": "eval.text",
+    "endpoint": "eval.endpoint",
+    "api_key_env": "eval.api_key_env",
+    "tokenizer": "eval.tokenizer",
     "host": "serve.host",
     "port": "serve.port",
 }
@@ -44,6 +47,12 @@ def _stage_overrides(args: argparse.Namespace, stage: str) -> list[str]:
             continue
         if isinstance(key, dict):
             key = key.get(stage)
+        if stage == "eval" and flag == "model" and getattr(args, "endpoint", None):
+            if len(value) != 1:
+                raise ConfigError("--model: with --endpoint, names the one served model to evaluate")
+            key, value = "eval.endpoint_model", value[0]  # a served model's id, not a directory
+        elif flag == "tokenizer" and Path(value).exists():
+            value = str(Path(value).resolve())
         if key:
             out.append(f"{key}={_yaml_value(value)}")
     return out
@@ -72,12 +81,13 @@ def run_stages(ctx: StageContext, stages: list[str]) -> list[dict]:
     results = []
     with PipelineProgress(stages, recipe=ctx.recipe, run_dir=ctx.run_dir) as progress:
         for stage, fn in entrypoints:
+            from pipelines.lineage import check_reusable, record_stage
+            check_reusable(ctx.run_dir.root, ctx.recipe, stage)  # never resume from checkpoints of changed inputs
             progress.start(stage)
             with Timer() as t:
                 summary = fn(ctx) or {}
             # the stage's wall time, for the report (pipelines/report; a blocking serve never gets here)
             atomic_write_json(ctx.stage_dir(stage) / "timing.json", {"stage": stage, "seconds": round(t.seconds, 1)})
-            from pipelines.lineage import record_stage
             record_stage(ctx.run_dir.root, ctx.recipe, stage)  # what the stage read and wrote, as hashes
             progress.done(stage, t.seconds, summary)
             results.append({"stage": stage, "seconds": round(t.seconds, 1), **summary})
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             preflight = getattr(sys.modules[entrypoint.__module__], "preflight", None)
             if preflight is not None:
                 preflight(ctx)  # a stage's own inputs (files, names) are checked before any stage runs
+            from pipelines.lineage import check_reusable
+            check_reusable(ctx.run_dir.root, recipe, stage)  # again in run_stages, after the stages before it
         init_ray(recipe.ray, args.address)
         if ray_log:
             link_worker_logs(run_dir.root / "logs")

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "every model of the run); lm-eval tasks: eval.tasks=[NAME,...]")
             p.add_argument("--text", action="append", metavar="PATH", help="held-out text file/dir (repeatable; "
                            "default: the data stage's validation split)")
+            p.add_argument("--endpoint", metavar="URL", help="evaluate a live OpenAI-compatible endpoint (base URL "
+                           "ending in /v1) instead of model dirs; --model NAME picks its served model")
+            p.add_argument("--api-key-env", metavar="VAR", help="with --endpoint: the environment variable holding "
+                           "its API key (default OPENAI_API_KEY)")
+            p.add_argument("--tokenizer", metavar="DIR", help="with --endpoint: the served model's HF tokenizer "
+                           "(default: the endpoint's /tokenize)")
         if stage == "report":
             p.usage = "raylm report [-h] [RUN_DIR] [-c RECIPE] [--run-dir DIR]"
             p.epilog = ("RUN_DIR (or --run-dir; default runs/<recipe name>) gets report/report.html and report.md; "

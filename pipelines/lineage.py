@@ -3,11 +3,14 @@ to the raw corpus files.
 
 ``<run>/<stage>/lineage.json`` (written by the CLI after the stage succeeds):
 ``{"stage", "recipe": the stage's resolved section, "code": {"git_commit", "git_dirty", "version"},
-"inputs": [{"path", "size", "sha256"}], "parents": [{"stage", "record_sha256"}], "outputs": [...]}``.
-A parent is named by the sha256 of its record file, so a rerun of an earlier stage shows as a broken link.
+"inputs": [{"path", "size", "sha256"}], "parents": [{"stage", "record_sha256", "outputs_sha256"}],
+"outputs": [...]}``. A parent is named by the sha256 of its record file, so a rerun of an earlier stage shows as a
+broken link, and by a digest of its outputs, so a rerun that changed what this stage read is told from one that
+only rewrote the record (``stale_inputs``).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import subprocess
@@ -23,6 +26,13 @@ PARENTS = {"data": [], "pretrain": ["data"], "sft": ["pretrain"], "reward": ["sf
 # outputs per stage, relative to the stage dir (globs)
 OUTPUTS = {"data": ["shards/*", "documents/*", "tokenizer/tokenizer.json"], "eval": ["results.json"]}
 MODEL_OUTPUTS = ["model/*"]
+# What children read of a stage's outputs (globs under its stage dir; default: MODEL_OUTPUTS): the data stage's
+# documents/ are for eval only, and their file names differ on every run (Ray Data names them)
+CONSUMED = {"data": ["shards/*", "tokenizer/tokenizer.json"], "eval": ["results.json"]}
+# What a rerun of a stage on the same run dir picks up from its earlier run instead of recomputing it (globs under
+# the stage dir): the data stage's tokenizer, the training stages' checkpoints (they resume).
+REUSED = {"data": ["tokenizer/tokenizer.json"], "pretrain": ["checkpoint_*"], "sft": ["checkpoint_*"],
+          "reward": ["checkpoint_*"], "ppo": ["checkpoints"]}
 
 
 def base_model(recipe, stage: str) -> str | None:
@@ -96,16 +106,35 @@ def stage_outputs(stage_dir: Path, stage: str) -> list[Path]:
                   if p.is_file())
 
 
+def outputs_digest(stage_dir: Path, entries: list[dict]) -> str:
+    """One sha256 over the recorded outputs of a stage that its children read (``CONSUMED``), by path relative
+    to the stage dir (a moved run dir still matches)."""
+    stage_dir = Path(stage_dir)
+    patterns = CONSUMED.get(stage_dir.name, MODEL_OUTPUTS)
+    digest = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e["path"]):
+        path = Path(e["path"])
+        rel = path.relative_to(stage_dir) if path.is_relative_to(stage_dir) else path
+        if any(fnmatch.fnmatch(str(rel), pattern) for pattern in patterns):
+            digest.update(f"{rel}\0{e['size']}\0{e['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def parent_entry(run_root: Path, parent: str) -> dict | None:
+    record = Path(run_root) / parent / RECORD
+    if not record.is_file():
+        return None
+    doc = json.loads(record.read_text(encoding="utf-8"))
+    return {"stage": parent, "record_sha256": sha256_file(record),
+            "outputs_sha256": outputs_digest(Path(run_root) / parent, doc["outputs"])}
+
+
 def record_stage(run_root: Path, recipe, stage: str) -> Path | None:
     """Write ``<run>/<stage>/lineage.json``; None for a stage without lineage (serve)."""
     if stage not in PARENTS:
         return None
     stage_dir = Path(run_root) / stage
-    parents = []
-    for parent in stage_parents(recipe, stage):
-        record = Path(run_root) / parent / RECORD
-        if record.is_file():
-            parents.append({"stage": parent, "record_sha256": sha256_file(record)})
+    parents = [e for e in (parent_entry(run_root, p) for p in stage_parents(recipe, stage)) if e is not None]
     doc = {"stage": stage, "recipe": to_dict(getattr(recipe, stage)), "code": code_version(),
            "inputs": [file_entry(p) for p in stage_inputs(recipe, stage)], "parents": parents,
            "outputs": [file_entry(p) for p in stage_outputs(stage_dir, stage)]}
@@ -121,6 +150,51 @@ def _changed(entries: list[dict]) -> list[str]:
         if not p.is_file() or p.stat().st_size != e["size"] or sha256_file(p) != e["sha256"]:
             bad.append(e["path"])
     return bad
+
+
+def stale_inputs(run_root: Path, recipe, stage: str) -> list[str]:
+    """What changed since ``stage`` last succeeded in this run dir: its own input files (changed, added or
+    removed since its record) and parents whose outputs differ now from those it read. [] when it has no record
+    (never ran to the end here: nothing to compare with)."""
+    run_root = Path(run_root)
+    path = run_root / stage / RECORD
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    recorded = {e["path"]: e for e in doc["inputs"]}
+    current = {str(p) for p in stage_inputs(recipe, stage)}
+    changed = [p for p in sorted(recorded.keys() | current)
+               if p not in recorded or p not in current or _changed([recorded[p]])]
+    for parent in doc["parents"]:
+        if "outputs_sha256" not in parent:  # recorded before parents' outputs were: only the record hash to go on
+            continue
+        now = parent_entry(run_root, parent["stage"])
+        if now is None or now["outputs_sha256"] != parent["outputs_sha256"]:
+            changed.append(f"{run_root / parent['stage']} (the {parent['stage']} stage's outputs changed since "
+                           f"{stage} ran)")
+    return changed
+
+
+def reused_state(stage_dir: Path, stage: str) -> list[Path]:
+    return sorted(p for pattern in REUSED.get(stage, []) for p in Path(stage_dir).glob(pattern))
+
+
+def check_reusable(run_root: Path, recipe, stage: str) -> None:
+    """A training stage resumes from its checkpoints when rerun: never from checkpoints whose inputs changed
+    since (it would continue a model of other data as if up to date). Fails naming the changed files. The data
+    stage handles its own (it retrains the tokenizer: pipelines/data/tokenize.py)."""
+    if stage == "data":
+        return
+    stage_dir = Path(run_root) / stage
+    state = reused_state(stage_dir, stage)
+    if not state:
+        return
+    changed = stale_inputs(run_root, recipe, stage)
+    if changed:
+        raise ValueError(f"{stage}: {stage_dir} holds checkpoints ({state[0].name}, ...) a rerun would resume, but "
+                         f"what they were trained from changed: {'; '.join(changed[:5])}"
+                         f"{f' and {len(changed) - 5} more' if len(changed) > 5 else ''}. Remove them "
+                         f"(rm -r {' '.join(str(p) for p in state)}) to train afresh")
 
 
 def chain(stage_dir: Path) -> list[dict]:

@@ -1,7 +1,9 @@
 """The ``OpenAIIngress`` deployment: OpenAI-compatible HTTP routes in front of the ``LLMEngine`` deployment.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health, the Gradio
-demo at /demo, and the run report at /report (when ``serve.report`` names one). Statuses: 400 bad request, 401 missing/wrong API key, 404 unknown model or route, 413 body too
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}] (with the model's lineage and
+eval summary as extra fields: serve/model_info.py), GET /health, the tokenizer (GET /tokenizer_info, POST
+/tokenize, /detokenize: serve/tokenizer_routes.py), the Gradio demo at /demo, and the run report at /report
+(when ``serve.report`` names one). Statuses: 400 bad request, 401 missing/wrong API key, 404 unknown model or route, 413 body too
 large, 429 engine queue full (Serve back-pressure), 503 engine unavailable or request timeout, all with
 OpenAI-style error bodies. A 500 carries only a request id (``x-request-id`` on every response); the details go
 to the replica's log under that id.
@@ -33,8 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.config import from_dict
 from cluster.schemas.serve import ServeConfig
 from serve import openai_api as oa
+from serve.model_info import ModelInfo
 from serve.relay import Choice, Relay, SlotResponse
 from serve.sampling import Delta, RequestError, SamplingParams
+from serve.tokenizer_routes import add_tokenizer_routes
 
 log = logging.getLogger("ray.serve")
 
@@ -143,6 +147,8 @@ class OpenAIIngress:
         self.vocab_size = len(self.tokenizer)
         self.token_info = lru_cache(maxsize=65536)(partial(token_info, self.tokenizer, byte_level_alphabet()))
         self.api_key = read_api_key(self.cfg)
+        self.info = ModelInfo(model_dir, self.cfg.max_prompt_tokens)
+        self.max_model_len = self.info.max_model_len
         self.created = int(time.time())
         self.metrics = _Metrics()
         self.pending = 0  # completions in progress in this replica (one event loop: no lock needed)
@@ -395,7 +401,9 @@ def build_api(ing: OpenAIIngress) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         ing.check_auth(request)
-        return oa.models_list(ing.cfg.model_name, ing.created)
+        listing = oa.models_list(ing.cfg.model_name, ing.created)
+        listing["data"][0].update(ing.info.extras(full=False))
+        return listing
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str, request: Request):
@@ -403,7 +411,9 @@ def build_api(ing: OpenAIIngress) -> FastAPI:
         if model_id != ing.cfg.model_name:
             raise oa.APIError(404, f"the model {model_id!r} does not exist", "invalid_request_error", "model",
                               "model_not_found")
-        return oa.model_card(ing.cfg.model_name, ing.created)
+        return {**oa.model_card(ing.cfg.model_name, ing.created), **ing.info.extras(full=True)}
+
+    add_tokenizer_routes(app, ing)
 
     @app.get("/report")
     async def report(request: Request):

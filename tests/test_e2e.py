@@ -47,6 +47,7 @@ def test_raylm_run_whole_pipeline_then_chat(ray_cluster, tmp_path, capsys):
         assert all(0 < m["bpb"]["bits_per_byte"] < 16 for m in results["models"])
         assert all("raylm_qa_mc" in m["lm_eval"]["tasks"] for m in results["models"])
         assert results["reward_model"]["pairs"] > 0
+        assert 0 <= results["policy"]["models"]["ppo"]["win_rate_vs_sft"] <= 1  # judged by the run's reward model
         assert raylm(["lineage", str(run_dir / "ppo" / "model")]) == 0  # back to the corpus, nothing changed
         assert "data: OK" in capsys.readouterr().out
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -143,9 +143,12 @@ def test_eval_on_a_run_dir_writes_results_that_a_rerun_reproduces(tiny_run):
     assert (pretrain["lm_eval"]["chat_template"], sft["lm_eval"]["chat_template"]) == (False, True)
     reward = results["reward_model"]
     assert reward["pairs"] > 10 and 0 <= reward["accuracy"] <= 1 and reward["data"] == "builtin"
+    policy = results["policy"]  # no ppo model in this run: sft alone, the reference of itself
+    assert policy["prompts"]["count"] == 50 and policy["models"]["sft"]["kl_to_sft"] == 0.0
+    assert policy["models"]["sft"]["win_rate_vs_sft"] is None and "reward_mean" in policy["models"]["sft"]
     evaluate(context(tiny_run, *TASKS), parallel=False)
     assert results_path.read_bytes() == first
-    assert [m["model"] for m in read_metrics(tiny_run / "eval")] == ["pretrain", "sft", "reward"] * 2
+    assert [m["model"] for m in read_metrics(tiny_run / "eval")] == ["pretrain", "sft", "reward", "sft"] * 2
 
 
 def test_user_text_and_model_dirs(tiny_run, tmp_path):
@@ -193,3 +196,32 @@ def test_parallel_eval_one_ray_task_per_model_gives_the_same_results(ray_cluster
     for key in ("samples", "lm_eval"):
         assert [m[key] for m in results["models"]] == [m[key] for m in local["models"]]
     assert {**results["reward_model"], "path": ""} == {**local["reward_model"], "path": ""}
+    assert results["policy"]["models"] == local["policy"]["models"]
+
+
+def test_policy_quality_against_the_sft_reference(tiny_run, tmp_path):
+    from pipelines.eval.policy import evaluate_policies, response_kls
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": d[:30]}) + "\n" for d in DOCS[:6]), encoding="utf-8")
+    recipe = load_recipe(None, ["ppo.max_new_tokens=8", f"ppo.prompts={prompts}"])
+    paths = {"sft": str(tiny_run / "sft" / "model"), "ppo": str(tiny_run / "pretrain" / "model")}  # another policy
+    got = evaluate_policies(paths, str(tiny_run / "reward" / "model"), recipe)
+    sft, other = got["models"]["sft"], got["models"]["ppo"]
+    assert sft["kl_to_sft"] == 0.0 and other["kl_to_sft"] > 0  # different weights, same tokenizer
+    assert 0 <= other["win_rate_vs_sft"] <= 1 and sft["win_rate_vs_sft"] is None
+    assert 1 <= other["response_tokens_mean"] <= 8 and got["prompts"]["count"] == 6
+    assert evaluate_policies(paths, str(tiny_run / "reward" / "model"), recipe)["models"] == got["models"]
+    from transformers import AutoModelForCausalLM
+
+    # the KLs of a right-padded batch against a plain per-position loop over the vocabulary, one response alone
+    p, q = (AutoModelForCausalLM.from_pretrained(paths[k]).eval() for k in ("ppo", "sft"))
+    prompts, responses = [[5, 6, 7], [9]], [[8, 9], [4, 5, 6, 7]]
+    for prompt, response, got_kl in zip(prompts, responses, response_kls(p, q, prompts, responses, pad_id=0)):
+        want = 0.0
+        for t in range(len(response)):
+            ids = torch.tensor([prompt + response[:t]])
+            with torch.no_grad():
+                lp, lq = p(ids).logits[0, -1].log_softmax(-1), q(ids).logits[0, -1].log_softmax(-1)
+            want += float(sum(lp[v].exp() * (lp[v] - lq[v]) for v in range(lp.shape[0])))
+        assert got_kl == pytest.approx(want, rel=1e-4)

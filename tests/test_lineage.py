@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from cluster.cli import main as raylm
 from cluster.recipe import load_recipe
-from pipelines.lineage import chain, record_stage
+from pipelines.lineage import chain, check_reusable, parent_entry, record_stage
 
 
 def make_run(tmp_path):
@@ -55,3 +57,42 @@ def test_a_base_model_is_the_input_of_its_stage_not_the_replaced_parent(tmp_path
     record_stage(run, load_recipe(None, [f"sft.base_model={mine}"]), "sft")
     [sft] = chain(run / "sft")
     assert sft["parents"] == [] and [e["path"] for e in sft["inputs"]] == [str(mine / "config.json")]
+
+
+def test_a_training_stage_never_resumes_checkpoints_of_changed_inputs(tmp_path):
+    corpus, run, recipe = make_run(tmp_path)
+    (run / "pretrain" / "checkpoint_000001").mkdir()  # what a rerun would resume
+    check_reusable(run, recipe, "pretrain")  # nothing changed: resuming is fine
+    (run / "data" / "shards" / "train-00000.parquet").write_bytes(b"other shard")
+    record_stage(run, recipe, "data")  # the data stage reran and wrote other shards
+    with pytest.raises(ValueError, match=f"{run / 'data'} \\(the data stage's outputs changed since pretrain ran\\)"):
+        check_reusable(run, recipe, "pretrain")
+    assert raylm(["pretrain", "--run-dir", str(run), f"data.input=[{corpus}]"]) == 1  # before Ray or any work
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_data_rerun_on_a_changed_corpus_retrains_the_tokenizer(ray_cluster, tmp_path, caplog):
+    from pipelines.data.planted import planted_corpus
+
+    planted_corpus(n_base=40).write_jsonl(tmp_path / "in", files=2)
+    args = ["data", "--run-dir", str(tmp_path / "run"), "--input", str(tmp_path / "in"), "data.quality.languages=[]",
+            "data.num_blocks=2", "data.tokenize.seq_len=64", "tokenizer.vocab_size=300", "tokenizer.train_docs=50"]
+    data = tmp_path / "run" / "data"
+
+    def run_data() -> tuple[dict, str]:
+        assert raylm(args) == 0
+        stats = json.loads((data / "stats.json").read_text())["stages"]["tokenize"]
+        return stats, (data / "tokenizer" / "tokenizer.json").read_text()
+
+    first, tokenizer = run_data()
+    consumed = parent_entry(tmp_path / "run", "data")["outputs_sha256"]
+    again, _ = run_data()  # the same corpus: the tokenizer is reused, and what pretrain reads is the same, byte for byte
+    assert first["tokenizer_trained"] and not again["tokenizer_trained"]
+    assert parent_entry(tmp_path / "run", "data")["outputs_sha256"] == consumed
+    changed = min((tmp_path / "in").iterdir())
+    changed.write_text(changed.read_text().replace("a", "o"))
+    caplog.clear()
+    third, retrained = run_data()
+    assert third["tokenizer_trained"] and retrained != tokenizer
+    assert f"the corpus changed since the tokenizer at {data / 'tokenizer'} was trained ({changed}" in caplog.text

@@ -25,14 +25,22 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = 48  # per greedy sample
     reward: bool = True  # the run's reward model: accuracy on its held-out preference pairs (runs without --model)
+    policy: bool = True  # sft/ppo: reward, win rate vs sft, KL to sft on the PPO prompts (pipelines/eval/policy.py)
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (local ones ship in pipelines/eval/tasks)
     task_limit: int | None = None  # lm-eval: at most this many documents per task (None: all)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the Ray task (or process) has a GPU
     num_cpus: float = 1  # per Ray task (one task per model)
     num_gpus: float = 0
+    # A live OpenAI-compatible endpoint instead of model dirs (raylm eval --endpoint URL): lm-eval through its
+    # local-completions model type, greedy samples through chat completions (pipelines/eval/endpoint.py).
+    endpoint: str | None = None  # base URL, e.g. http://127.0.0.1:8000/v1
+    endpoint_model: str | None = None  # the served model id; None: the endpoint's only model
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the endpoint's API key (may be unset)
+    tokenizer: str | None = None  # HF tokenizer dir/name for lm-eval's token counts; None: the endpoint's /tokenize
+    concurrency: int = 4  # requests in flight to the endpoint
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "batch_size", "max_new_tokens", "num_cpus"):
+        for name in ("max_bytes", "batch_size", "max_new_tokens", "num_cpus", "concurrency"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.seq_len is not None and self.seq_len < 2:
@@ -46,5 +54,12 @@ class EvalConfig:
         for i, prompt in enumerate(self.prompts):
             if not prompt.strip():
                 raise ValueError(f"prompts[{i}]: must not be empty")
+        if self.endpoint is not None:
+            if not self.endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint: must be an http(s) URL, got {self.endpoint!r}")
+            if self.models:
+                raise ValueError("endpoint: evaluates a live endpoint; models (model dirs) cannot be given with it")
+        if not self.api_key_env:
+            raise ValueError("api_key_env: must not be empty")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: listed twice: {min(t for t in self.tasks if self.tasks.count(t) > 1)}")

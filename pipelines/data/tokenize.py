@@ -24,12 +24,18 @@ def _sample_texts(kept, limit: int) -> Iterator[str]:
 
 
 def ensure_tokenizer(recipe, kept, outputs: DataOutputs) -> tuple[Path, bool]:
+    from pipelines.lineage import stale_inputs
     from pipelines.tokenizer import train_tokenizer
 
     path = tokenizer_dir(recipe, outputs)
     if (path / "tokenizer.json").is_file():
-        log.info("data: reusing the tokenizer at %s", path)
-        return path, False
+        changed = [] if recipe.tokenizer.path else stale_inputs(outputs.root.parent, recipe, "data")
+        if not changed:
+            log.info("data: reusing the tokenizer at %s", path)
+            return path, False
+        # the run's own tokenizer was trained on a corpus that has changed since: never reused as if up to date
+        log.warning("data: the corpus changed since the tokenizer at %s was trained (%s%s): training a new one",
+                    path, ", ".join(changed[:3]), f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     if recipe.tokenizer.path:
         raise FileNotFoundError(f"tokenizer.path: {path} has no tokenizer.json")
     log.info("data: training a %d-token BPE tokenizer on up to %d documents", recipe.tokenizer.vocab_size,

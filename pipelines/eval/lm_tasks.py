@@ -96,15 +96,21 @@ def _plain(value):
 
 def run_tasks(model, tokenizer, names: list[str], include_path: Path, chat: bool, batch_size: int,
               limit: int | None) -> dict:
-    """``lm_eval.simple_evaluate`` with the ``hf`` model type over the already loaded model: {task: {metric:
-    value}} plus the settings that change the numbers."""
-    from lm_eval import simple_evaluate
+    """``lm_eval.simple_evaluate`` with the ``hf`` model type over the already loaded model."""
     from lm_eval.models.huggingface import HFLM
 
     # Documents start after EOS, as in our bits per byte (scoring.py): lm-eval's default is BOS.
     prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, prefix_token_id=prefix,
               max_length=model.config.max_position_embeddings)
+    return evaluate_lm(lm, names, include_path, chat, limit)
+
+
+def evaluate_lm(lm, names: list[str], include_path: Path | None, chat: bool, limit: int | None) -> dict:
+    """``lm_eval.simple_evaluate`` over any lm-eval model object (``hf`` in process, ``local-completions`` for an
+    endpoint): {task: {metric: value}} plus the settings that change the numbers."""
+    from lm_eval import simple_evaluate
+
     out = simple_evaluate(model=lm, tasks=list(names), task_manager=task_manager(include_path, names), limit=limit,
                           apply_chat_template=chat, bootstrap_iters=1000, log_samples=False, verbosity="WARNING")
     results = {task: {k.replace(",none", ""): _plain(v) for k, v in sorted(metrics.items()) if k != "alias"}
