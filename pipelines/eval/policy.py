@@ -29,7 +29,7 @@ BATCH = 64  # prompts per generate call: fixed (the draws depend on the batches)
 def policy_chats(recipe) -> tuple[str, list[list[dict]]]:
     """(source, chats): ``ppo.prompts`` (``prompt`` strings or ``messages`` chats), else the built-in questions."""
     if recipe.ppo.prompts:
-        from pipelines.sft.data import iter_records
+        from pipelines.chat.records import iter_records
 
         chats = []
         for where, record in iter_records(recipe.ppo.prompts):
@@ -40,7 +40,7 @@ def policy_chats(recipe) -> tuple[str, list[list[dict]]]:
             else:
                 raise ValueError(f"{where}: needs a `prompt` string or a `messages` list")
         return recipe.ppo.prompts, chats
-    from pipelines.sft.builtin_qa import builtin_pairs, split_pairs
+    from pipelines.chat.builtin_qa import builtin_pairs, split_pairs
 
     _, held_out = split_pairs(builtin_pairs(), recipe.sft.val_fraction)
     return "builtin", [[{"role": "user", "content": p.question}] for p in held_out]
@@ -107,7 +107,7 @@ def evaluate_policies(paths: dict[str, str], reward_dir: str | None, recipe) -> 
     """results.json's ``policy`` entry. ``paths``: {"sft": dir, "ppo": dir, ...}; sft is the reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.reward.model import load_reward_model
+    from pipelines.hf_models import load_reward_model
 
     torch.manual_seed(0)
     cfg = recipe.ppo
