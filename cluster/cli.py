@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             overrides += _stage_overrides(args, stage)
         recipe = load_recipe(args.config, overrides)  # validated before Ray starts
-        run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name)
+        run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name, stages)
         saved = save_resolved(recipe, run_dir.root)
         log.info("recipe %s -> resolved config %s", recipe.name, saved)
         ctx = StageContext(recipe=recipe, run_dir=run_dir, address=args.address,

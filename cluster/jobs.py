@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 from cluster.commands import PATH_FLAGS, build_parser
 from cluster.config import ConfigError
 from cluster.recipe import PROJECT_ROOT, load_recipe
-from cluster.rundir import check_local
+from cluster.rundir import check_stages
 from cluster.runtime import project_runtime_env
 from cluster.upload import UploadError, UploadPlan, human_bytes, plan_upload
 
@@ -215,7 +215,8 @@ def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str]
     if hasattr(parsed, "run_dir"):  # a stage or `run`: it has a recipe and a run directory
         recipe = load_recipe(parsed.config, parsed.overrides)  # ConfigError here: nothing submitted
         if parsed.run_dir:
-            check_local(parsed.run_dir)
+            stages = parsed.stages.split(",") if parsed.command == "run" else [parsed.command]
+            check_stages(parsed.run_dir, stages)
         if not parsed.run_dir:
             # The job's cwd is a temporary copy of the project: pin the default run dir to where it would be here.
             args[1:1] = ["--run-dir", str(cwd / "runs" / recipe.name)]
@@ -225,7 +226,7 @@ def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str]
 def runtime_env(extra_env: dict[str, str], pip: list[str], working_dir: str | None) -> dict:
     """The job's runtime_env: the project's zip and the user's env vars. Not our worker env vars: the job's
     driver (`init_ray`) adds those itself, and Ray refuses a driver runtime_env that repeats a job's key."""
-    env = project_runtime_env(working_dir)
+    env = project_runtime_env(working_dir, storage="none")
     reserved = set(env.pop("env_vars")) | {"TORCH_EXTENSIONS_DIR"}
     clash = sorted(reserved & set(extra_env))
     if clash:

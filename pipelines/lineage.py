@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from cluster.config import atomic_write_json, to_dict
+from cluster.storage import location
 
 RECORD = "lineage.json"
 # which earlier stages' outputs each stage reads (pipelines/*/stage.py, actors/ppo/stage.py)
@@ -25,15 +26,15 @@ OUTPUTS = {"data": ["shards/*", "documents/*", "tokenizer/tokenizer.json"], "eva
 MODEL_OUTPUTS = ["model/*"]
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with location(path).open("rb") as fh:  # a local file or an object (cluster.storage)
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def file_entry(path: Path) -> dict:
+def file_entry(path) -> dict:
     return {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -63,7 +64,7 @@ def stage_inputs(recipe, stage: str) -> list[Path]:
     if stage == "data":
         from pipelines.data.sources import list_corpus_files
 
-        return [Path(r["path"]) for r in list_corpus_files(recipe.data) if Path(r["path"]).is_file()]
+        return [p for p in (location(r["path"]) for r in list_corpus_files(recipe.data)) if p.is_file()]
     given = {"sft": recipe.sft.data, "reward": recipe.reward.data, "ppo": recipe.ppo.prompts}.get(stage)
     files = [given] if given else []
     if stage == "eval":
@@ -75,19 +76,19 @@ def stage_inputs(recipe, stage: str) -> list[Path]:
     return paths
 
 
-def stage_outputs(stage_dir: Path, stage: str) -> list[Path]:
+def stage_outputs(stage_dir, stage: str) -> list:
     return sorted(p for pattern in OUTPUTS.get(stage, MODEL_OUTPUTS) for p in stage_dir.glob(pattern)
                   if p.is_file())
 
 
-def record_stage(run_root: Path, recipe, stage: str) -> Path | None:
+def record_stage(run_root, recipe, stage: str):
     """Write ``<run>/<stage>/lineage.json``; None for a stage without lineage (serve)."""
     if stage not in PARENTS:
         return None
-    stage_dir = Path(run_root) / stage
+    stage_dir = location(run_root) / stage
     parents = []
     for parent in PARENTS[stage]:
-        record = Path(run_root) / parent / RECORD
+        record = location(run_root) / parent / RECORD
         if record.is_file():
             parents.append({"stage": parent, "record_sha256": sha256_file(record)})
     doc = {"stage": stage, "recipe": to_dict(getattr(recipe, stage)), "code": code_version(),
@@ -101,13 +102,13 @@ def _changed(entries: list[dict]) -> list[str]:
     """Recorded files whose size or hash no longer match what is on disk."""
     bad = []
     for e in entries:
-        p = Path(e["path"])
+        p = location(e["path"])
         if not p.is_file() or p.stat().st_size != e["size"] or sha256_file(p) != e["sha256"]:
             bad.append(e["path"])
     return bad
 
 
-def chain(stage_dir: Path) -> list[dict]:
+def chain(stage_dir) -> list[dict]:
     """The records from ``stage_dir`` back to the data stage (each once), checked against the disk: every record
     gets ``changed`` (its files that differ now) and ``broken_parents`` (parents rerun since)."""
     run_root, out, todo, seen = stage_dir.parent, [], [stage_dir.name], set()
@@ -152,7 +153,7 @@ def format_chain(records: list[dict], max_files: int = 5) -> str:
 
 
 def lineage_command(model_dir: str) -> int:
-    path = Path(model_dir).expanduser().resolve()
+    path = location(model_dir).resolve()
     stage_dir = path.parent if (path / "config.json").is_file() or path.name == "model" else path
     records = chain(stage_dir)
     print(format_chain(records))
