@@ -135,6 +135,10 @@ def test_data_then_pretrain_with_the_run_dir_and_corpus_on_s3(s3_cluster, bucket
     assert RunDir(location(run)).latest_model() == location(run) / "pretrain" / "model"
     with local_copy(location(run) / "pretrain" / "model") as model_dir:
         assert AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers == 2
+    from pipelines.pretrain.export import main as export_main
+
+    assert export_main([run, "--out", str(tmp_path / "exported")]) == 0  # the offline export reads the bucket
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
     capsys.readouterr()
     assert raylm(["lineage", f"{run}/pretrain/model"]) == 0  # back to the corpus objects, nothing changed
     assert f"s3://{bucket}/corpus/part-0.jsonl" in capsys.readouterr().out
