@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyarrow.fs import FileType
+
 from cluster.config import ConfigError
 from cluster.storage import ObjectPath, is_uri, location
 
@@ -31,6 +33,17 @@ def check_stages(path: str | Path, stages: Iterable[str]) -> None:
                               "s3fs/gcsfuse)")
 
 
+def check_bucket(root: ObjectPath) -> None:
+    """Fail before any work when the bucket is missing or unreachable (credentials, endpoint), naming both."""
+    bucket = root.path.split("/", 1)[0]
+    try:
+        missing = root.fs.get_file_info(bucket).type == FileType.NotFound
+    except OSError as exc:
+        raise ConfigError(f"--run-dir {root}: cannot reach bucket {bucket!r}: {exc}") from None
+    if missing:
+        raise ConfigError(f"--run-dir {root}: bucket {bucket!r} does not exist (raylm creates no buckets)")
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path | ObjectPath
@@ -39,6 +52,8 @@ class RunDir:
     def create(cls, path: str | Path, stages: Iterable[str] = STAGES) -> RunDir:
         check_stages(path, stages)
         root = location(path).resolve()
+        if isinstance(root, ObjectPath):
+            check_bucket(root)
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)
 

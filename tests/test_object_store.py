@@ -47,6 +47,13 @@ def test_object_paths_read_write_list_and_remove(bucket):
     assert location(str(Path("s3://b/x"))) == ObjectPath("s3://b/x")  # what pathlib makes of a URI
 
 
+def test_a_missing_bucket_is_refused_before_any_work(s3_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert raylm(["data", "--run-dir", "s3://no-such-bucket/runs/x"]) == 2
+    assert "--run-dir s3://no-such-bucket/runs/x: bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_metrics_log_on_object_storage_is_uploaded_whole(bucket):
     stage = location(f"s3://{bucket}/runs/x/pretrain")
     log = MetricsLog(stage, upload_every_s=3600)
