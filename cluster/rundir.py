@@ -87,7 +87,7 @@ class MetricsLog:
     """Appends one JSON object per step/eval to ``metrics.jsonl``; each line is flushed whole.
 
     On object storage (no append) the lines go to a local file and the whole file is uploaded at most every
-    ``upload_every_s`` seconds and on ``close``; TensorBoard events stay local there (not uploaded)."""
+    ``upload_every_s`` seconds and on ``close``; no TensorBoard events there (they too would need appends)."""
 
     def __init__(self, stage_dir: Path | ObjectPath, tensorboard: bool = True, upload_every_s: float = 30.0):
         stage_dir = location(stage_dir)
@@ -98,6 +98,7 @@ class MetricsLog:
             stage_dir = Path(self._tmp.name)
             if self.remote.is_file():  # a resumed run continues the same log
                 (stage_dir / "metrics.jsonl").write_bytes(self.remote.read_bytes())
+            tensorboard = False
         self.path = Path(stage_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
