@@ -68,6 +68,51 @@ def test_metrics_log_on_object_storage_is_uploaded_whole(bucket):
     assert [r["step"] for r in read_metrics(stage)] == [1, 2, 3]
 
 
+def test_tokenizer_shards_and_export_round_trip_through_the_bucket(bucket, tmp_path):
+    """The pieces of data -> pretrain that touch storage, without Ray: the workers' shard writer and the
+    driver's renames and manifest, the trainer's reader, the tokenizer, and the HF export."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from cluster.schemas.model import ModelConfig
+    from pipelines.data.shards import finalize_shards, write_manifest, write_shard_block
+    from pipelines.hf_export import export_hf, load_hf_model
+    from pipelines.model import build_model
+    from pipelines.pretrain.shards import ShardBatches, read_manifest
+    from pipelines.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+
+    data = location(f"s3://{bucket}/runs/x/data")
+    texts = [" ".join(["ray", "data", "train", "serve"][i % 4] * (i % 7 + 1) for i in range(40))] * 50
+    train_tokenizer(iter(texts), data / "tokenizer", vocab_size=300)
+    tok = load_tokenizer(data / "tokenizer")
+    rows = np.arange(12 * 16, dtype=np.int32).reshape(12, 16) % 300
+    packed = pa.table({"split": ["train"] * 8 + ["validation"] * 4,
+                       "input_ids": pa.array(list(rows), type=pa.list_(pa.int32())),
+                       "doc_starts": pa.array([[0]] * 12, type=pa.list_(pa.int32())),
+                       "dropped_tokens": pa.array([0] * 12, type=pa.int64())})
+    summaries = write_shard_block(packed, str(data / "shards"), 300).to_pylist()
+    totals = finalize_shards(summaries, data / "shards", 300)
+    write_manifest(data / "shards", seq_len=16, vocab_size=300, tokenizer_dir=data / "tokenizer",
+                   tokenizer_hash=tokenizer_hash(data / "tokenizer"), eos_id=tok.eos_token_id, totals=totals)
+    assert keys(bucket, "runs/x/data/shards/") == {f"runs/x/data/shards/{n}" for n in
+                                                   ("manifest.json", "train-00000.parquet", "validation-00000.parquet")}
+    assert read_manifest(str(data / "shards"))["tokenizer_dir"] == str(data / "tokenizer")
+    inputs, labels = next(iter(ShardBatches(str(data / "shards"), 4, seed=0)("train", 0, 1, epoch=0)))
+    assert inputs.shape == (4, 15) and torch.equal(inputs[:, 1:], labels[:, :-1])
+
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16)
+    model = build_model(cfg, 300, seed=0)
+    out = data.parent / "pretrain" / "model"
+    assert export_hf(model.state_dict(), cfg, 300, data / "tokenizer", out) == out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    from cluster.storage import local_copy
+
+    with local_copy(out) as local:
+        loaded, _, _ = load_hf_model(local)
+    assert torch.equal(loaded.embed.weight, model.embed.weight)
+
+
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "eval", "serve"])
 def test_stages_without_object_store_support_refuse_a_uri_run_dir(stage, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
