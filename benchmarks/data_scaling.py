@@ -14,6 +14,7 @@ store's use and the spilled bytes come from the raylet's store statistics, sampl
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import subprocess
@@ -66,10 +67,17 @@ def child(args) -> None:
     import ray
 
     from cluster.cli import main
-    from cluster.recipe import RayConfig
-    from cluster.runtime import init_ray
+    from cluster.runtime import idle_worker_limit, node_ip_on_loopback, project_runtime_env
 
-    init_ray(RayConfig(num_cpus=args.num_cpus))
+    # init_ray's local cluster, minus the dashboard (not measured, and on a loaded machine its start-up alone
+    # can outlast Ray's 30 s node start-up window); `raylm data` below reuses this cluster.
+    with node_ip_on_loopback():
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env=project_runtime_env(storage="all"),
+                 _system_config={"num_workers_soft_limit": idle_worker_limit(args.num_cpus)})
+    for module in ("pipelines.data.stage", "pipelines.lineage", "pipelines.tokenizer"):
+        importlib.import_module(module)  # the command's imports first: the growth measured is the run's own
+
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sampler = Sampler(ray.get_runtime_context().gcs_address)
     sampler.sample()
