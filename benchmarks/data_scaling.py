@@ -127,7 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="raylm-data-scaling-") as tmp:
         for scale in (float(s) for s in args.scales.split(",")):
             results[scale] = r = run_scale(scale, args.num_cpus, Path(tmp))
-            print(f"{scale:g}x done: {r['docs']} docs in {r['seconds']:.1f} s", flush=True)
+            print(f"{scale:g}x done: {json.dumps(r)}", flush=True)  # kept if a later scale fails
     first = results[min(results)]
     rate0 = first["docs"] / first["seconds"]
     print(f"\n{'scale':>5} {'docs':>7} {'MB':>6} {'seconds':>8} {'docs/s':>7} {'vs 1x':>6} {'driver MB':>10} "
