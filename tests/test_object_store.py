@@ -34,8 +34,8 @@ def keys(bucket: str, prefix: str = "") -> set[str]:
 
 
 def test_object_paths_read_write_list_and_remove(bucket):
-    root = location(f"s3://{bucket}/runs/x")
-    assert isinstance(root, ObjectPath) and not root.exists()
+    root = RunDir.create(f"s3://{bucket}/runs/x", ["data", "pretrain"]).root
+    assert root == location(f"s3://{bucket}/runs/x") and not root.exists()
     atomic_write_json(root / "data" / "stats.json", {"docs": 3})
     (root / "data" / "shards" / "train-00000.parquet").write_bytes(b"PAR1")
     assert json.loads((root / "data" / "stats.json").read_text()) == {"docs": 3}
