@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.config, overrides)  # validated before Ray starts
         stages = stages or default_stages(recipe.alignment, from_model=bool(recipe.sft.base_model),
                                           eval_text=bool(recipe.eval.text))
-        run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name)
+        run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name, stages)
         saved = save_resolved(recipe, run_dir.root)
         log.info("recipe %s -> resolved config %s", recipe.name, saved)
         ray_log = route_ray_logs(run_dir.root / "logs")  # before any stage imports Ray Data

@@ -42,7 +42,8 @@ PATH_FLAGS = ("-c", "--config", "--run-dir", "--input", "--data", "--model", "--
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", default=str(DEFAULT_RECIPE), metavar="RECIPE",
                    help="YAML recipe (default: configs/tiny-cpu.yaml)")
-    p.add_argument("--run-dir", metavar="DIR", help="run directory, a filesystem path (default: runs/<recipe name>)")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory: a filesystem path, or an s3:// / gs:// URI for data and pretrain "
+                   "(default: runs/<recipe name>)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     p.add_argument("--ray-logs", action="store_true",
                    help="show Ray's own logs (Ray Data progress, worker output) here instead of <run-dir>/logs/ "

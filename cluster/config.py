@@ -150,8 +150,14 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same directory + rename, so readers never see a partial file."""
-    path = Path(path)
+    """Write via a temp file in the same directory + rename, so readers never see a partial file. On object
+    storage one PUT is already atomic (the old object or the whole new one)."""
+    from cluster.storage import ObjectPath, location
+
+    path = location(path)
+    if isinstance(path, ObjectPath):
+        path.write_text(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -26,10 +26,10 @@ from collections.abc import Collection
 from pathlib import Path
 from urllib.parse import urlparse
 
-from cluster.commands import PATH_FLAGS, build_parser
+from cluster.commands import PATH_FLAGS, build_parser, default_stages
 from cluster.config import ConfigError
 from cluster.recipe import PROJECT_ROOT, load_recipe
-from cluster.rundir import check_local
+from cluster.rundir import check_stages
 from cluster.runtime import project_runtime_env
 from cluster.schemas.rlhf import RewardFunctionSpec
 from cluster.upload import UploadError, UploadPlan, human_bytes, plan_upload
@@ -265,10 +265,14 @@ def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str]
     args = list(command_args)
     if hasattr(parsed, "run_dir"):  # a stage or `run`: it has a recipe and a run directory
         recipe = load_recipe(parsed.config, parsed.overrides)  # ConfigError here: nothing submitted
+        if parsed.command != "run":
+            stages = [parsed.command]
+        else:
+            stages = parsed.stages.split(",") if parsed.stages else default_stages(
+                recipe.alignment, from_model=bool(recipe.sft.base_model), eval_text=bool(recipe.eval.text))
         if parsed.run_dir:
-            check_local(parsed.run_dir)
-        runs_ppo = args[0] == "ppo" or (args[0] == "run" and "ppo" in parsed.stages.split(","))
-        if runs_ppo:  # the stage loads its reward functions in the job, from the job's cwd
+            check_stages(parsed.run_dir, stages)
+        if "ppo" in stages:  # the stage loads its reward functions in the job, from the job's cwd
             args = portable_reward_functions(args, parsed.overrides, recipe.ppo.reward_functions, cwd,
                                              shipped=shipped)
         if not parsed.run_dir:
@@ -280,7 +284,7 @@ def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str]
 def runtime_env(extra_env: dict[str, str], pip: list[str], working_dir: str | None) -> dict:
     """The job's runtime_env: the project's zip and the user's env vars. Not our worker env vars: the job's
     driver (`init_ray`) adds those itself, and Ray refuses a driver runtime_env that repeats a job's key."""
-    env = project_runtime_env(working_dir)
+    env = project_runtime_env(working_dir, storage="none")
     reserved = set(env.pop("env_vars")) | {"TORCH_EXTENSIONS_DIR"}
     clash = sorted(reserved & set(extra_env))
     if clash:

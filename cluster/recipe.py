@@ -77,7 +77,9 @@ def recipe_from_dict(data: dict) -> Recipe:
     return from_dict(Recipe, data)
 
 
-def save_resolved(recipe: Recipe, run_dir: Path) -> Path:
-    out = Path(run_dir) / "config.yaml"
+def save_resolved(recipe: Recipe, run_dir) -> Path:
+    from cluster.storage import location
+
+    out = location(run_dir) / "config.yaml"
     atomic_write_text(out, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return out

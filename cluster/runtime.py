@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.recipe import PROJECT_ROOT, RayConfig
+from cluster.storage import ObjectPath, location, storage_env
 from cluster.upload import DEFAULT_LIMIT_MB, plan_upload
 
 log = logging.getLogger("raylm")
@@ -55,10 +56,12 @@ def setup_logging(level: int = logging.INFO) -> None:
     _logging_done = True
 
 
-def project_runtime_env(working_dir: str | None = None) -> dict:
+def project_runtime_env(working_dir: str | None = None, storage: str = "settings") -> dict:
     """runtime_env for our workers; ``working_dir``: the checkout's zip (``cluster.upload``) for clusters on
-    other machines."""
-    env: dict = {"env_vars": dict(WORKER_ENV)}
+    other machines. ``storage``: which object-store variables of this environment go along: "settings"
+    (endpoint, region), "all" (credentials too: to a local cluster only, see ``cluster.storage``), "none"."""
+    stored = {} if storage == "none" else storage_env(secrets=storage == "all")
+    env: dict = {"env_vars": {**stored, **WORKER_ENV}}
     ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR")
     if ext_dir:
         env["env_vars"]["TORCH_EXTENSIONS_DIR"] = ext_dir
@@ -98,7 +101,8 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
         inside_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
         log.info("joining Ray cluster at %s", address)
         if inside_job:
-            ray.init(address=address, runtime_env=project_runtime_env(), **kwargs)
+            # (its runtime env, the --env values included, already reaches every worker of the job)
+            ray.init(address=address, runtime_env=project_runtime_env(storage="none"), **kwargs)
         else:
             with shipped_project() as (plan, zip_path):
                 log.info("shipping this checkout to the cluster: %s", plan.summary())
@@ -114,7 +118,7 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
             local["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
         # address="local": never join a stale cluster left in /tmp/ray by a killed run.
         with node_ip_on_loopback():
-            ray.init(address="local", runtime_env=project_runtime_env(), **kwargs, **local)
+            ray.init(address="local", runtime_env=project_runtime_env(storage="all"), **kwargs, **local)
     return ray
 
 
@@ -160,6 +164,8 @@ def idle_worker_limit(num_cpus: int) -> int:
     return max(8, 2 * num_cpus)
 
 
-def storage_path(run_dir: Path) -> str:
-    """Ray Train storage for a run: the run dir itself (shared storage on a real cluster)."""
-    return str(Path(run_dir).resolve())
+def storage_path(run_dir) -> str:
+    """Ray Train storage for a run: the run dir itself (shared storage or an object-store URI, which Ray Train
+    resolves with pyarrow like the rest of the run)."""
+    run_dir = location(run_dir)
+    return run_dir.uri if isinstance(run_dir, ObjectPath) else str(Path(run_dir).resolve())

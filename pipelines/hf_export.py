@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from cluster.schemas.model import ModelConfig
+from cluster.storage import ObjectPath, local_copy, location, upload_dir
 from pipelines.model import Transformer
 from pipelines.model_card import CardInfo, write_model_card
 
@@ -154,12 +155,28 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int,
-              tokenizer_dir: str | Path, out_dir: str | Path, card: CardInfo | None = None) -> Path:
+              tokenizer_dir: str | Path | ObjectPath, out_dir: str | Path | ObjectPath,
+              card: CardInfo | None = None) -> Path | ObjectPath:
     """Write an HF Llama directory (config, safetensors weights, generation config, tokenizer, model card when
-    ``card`` says what the model is) atomically."""
-    tokenizer_dir = Path(tokenizer_dir)
-    if not (tokenizer_dir / "tokenizer.json").is_file():
+    ``card`` says what the model is) atomically; either directory may be on object storage (``cluster.storage``)."""
+    if not (location(tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (train one with pipelines.tokenizer)")
+    out_dir = location(out_dir)
+    if isinstance(out_dir, ObjectPath):
+        # No directory rename there: the old config.json goes first (the folder reads as "no model"), the new
+        # one is uploaded last (it is what readers look for: RunDir.latest_model, from_pretrained).
+        with tempfile.TemporaryDirectory(prefix="raylm-export-") as tmp:
+            export_hf(state_dict, cfg, vocab_size, tokenizer_dir, Path(tmp) / "model", card)
+            (out_dir / "config.json").unlink(missing_ok=True)
+            upload_dir(Path(tmp) / "model", out_dir, last=("config.json",))
+        return out_dir
+    with local_copy(tokenizer_dir) as local_tokenizer:
+        _export_local(state_dict, cfg, vocab_size, local_tokenizer, out_dir, card)
+    return out_dir
+
+
+def _export_local(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int, tokenizer_dir: Path,
+                  out_dir: Path, card: CardInfo | None) -> None:
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
     if len(tok) > vocab_size:
         raise ValueError(f"vocab_size: {vocab_size} is smaller than the tokenizer in {tokenizer_dir} ({len(tok)})")
@@ -176,7 +193,6 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / name)
         write_model_card(tmp, card)
-    return Path(out_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +202,10 @@ class HFExporter:
 
     cfg: ModelConfig
     vocab_size: int
-    tokenizer_dir: str | Path
+    tokenizer_dir: str | Path | ObjectPath
     card: CardInfo | None = None
 
-    def __call__(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    def __call__(self, state_dict: dict[str, torch.Tensor], out_dir) -> Path | ObjectPath:
         return export_hf(state_dict, self.cfg, self.vocab_size, self.tokenizer_dir, out_dir, self.card)
 
 

@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from cluster.config import atomic_write_json, to_dict
+from cluster.storage import location
 
 RECORD = "lineage.json"
 # which earlier stages' outputs each stage reads (pipelines/*/stage.py, actors/ppo/stage.py)
@@ -47,15 +48,15 @@ def stage_parents(recipe, stage: str) -> list[str]:
     return [p for p in PARENTS[stage] if p != replaced]
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with location(path).open("rb") as fh:  # a local file or an object (cluster.storage)
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def file_entry(path: Path) -> dict:
+def file_entry(path) -> dict:
     return {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -85,7 +86,7 @@ def stage_inputs(recipe, stage: str) -> list[Path]:
     if stage == "data":
         from pipelines.data.sources import list_corpus_files
 
-        return [Path(r["path"]) for r in list_corpus_files(recipe.data) if Path(r["path"]).is_file()]
+        return [p for p in (location(r["path"]) for r in list_corpus_files(recipe.data)) if p.is_file()]
     given = {"sft": recipe.sft.data, "reward": recipe.reward.data, "ppo": recipe.ppo.prompts,
              "dpo": recipe.dpo.data}.get(stage)
     files = [given] if given else []
@@ -101,39 +102,38 @@ def stage_inputs(recipe, stage: str) -> list[Path]:
     return paths
 
 
-def stage_outputs(stage_dir: Path, stage: str) -> list[Path]:
+def stage_outputs(stage_dir, stage: str) -> list:
     return sorted(p for pattern in OUTPUTS.get(stage, MODEL_OUTPUTS) for p in stage_dir.glob(pattern)
                   if p.is_file())
 
 
-def outputs_digest(stage_dir: Path, entries: list[dict]) -> str:
+def outputs_digest(stage_dir, entries: list[dict]) -> str:
     """One sha256 over the recorded outputs of a stage that its children read (``CONSUMED``), by path relative
     to the stage dir (a moved run dir still matches)."""
-    stage_dir = Path(stage_dir)
-    patterns = CONSUMED.get(stage_dir.name, MODEL_OUTPUTS)
+    prefix = str(stage_dir).rstrip("/") + "/"  # strings: stage_dir may be an object-store URI
+    patterns = CONSUMED.get(location(stage_dir).name, MODEL_OUTPUTS)
     digest = hashlib.sha256()
     for e in sorted(entries, key=lambda e: e["path"]):
-        path = Path(e["path"])
-        rel = path.relative_to(stage_dir) if path.is_relative_to(stage_dir) else path
+        rel = e["path"].removeprefix(prefix)
         if any(fnmatch.fnmatch(str(rel), pattern) for pattern in patterns):
             digest.update(f"{rel}\0{e['size']}\0{e['sha256']}\n".encode())
     return digest.hexdigest()
 
 
-def parent_entry(run_root: Path, parent: str) -> dict | None:
-    record = Path(run_root) / parent / RECORD
+def parent_entry(run_root, parent: str) -> dict | None:
+    record = location(run_root) / parent / RECORD
     if not record.is_file():
         return None
     doc = json.loads(record.read_text(encoding="utf-8"))
     return {"stage": parent, "record_sha256": sha256_file(record),
-            "outputs_sha256": outputs_digest(Path(run_root) / parent, doc["outputs"])}
+            "outputs_sha256": outputs_digest(location(run_root) / parent, doc["outputs"])}
 
 
-def record_stage(run_root: Path, recipe, stage: str) -> Path | None:
+def record_stage(run_root, recipe, stage: str):
     """Write ``<run>/<stage>/lineage.json``; None for a stage without lineage (serve)."""
     if stage not in PARENTS:
         return None
-    stage_dir = Path(run_root) / stage
+    stage_dir = location(run_root) / stage
     parents = [e for e in (parent_entry(run_root, p) for p in stage_parents(recipe, stage)) if e is not None]
     doc = {"stage": stage, "recipe": to_dict(getattr(recipe, stage)), "code": code_version(),
            "inputs": [file_entry(p) for p in stage_inputs(recipe, stage)], "parents": parents,
@@ -146,17 +146,17 @@ def _changed(entries: list[dict]) -> list[str]:
     """Recorded files whose size or hash no longer match what is on disk."""
     bad = []
     for e in entries:
-        p = Path(e["path"])
+        p = location(e["path"])
         if not p.is_file() or p.stat().st_size != e["size"] or sha256_file(p) != e["sha256"]:
             bad.append(e["path"])
     return bad
 
 
-def stale_inputs(run_root: Path, recipe, stage: str) -> list[str]:
+def stale_inputs(run_root, recipe, stage: str) -> list[str]:
     """What changed since ``stage`` last succeeded in this run dir: its own input files (changed, added or
     removed since its record) and parents whose outputs differ now from those it read. [] when it has no record
     (never ran to the end here: nothing to compare with)."""
-    run_root = Path(run_root)
+    run_root = location(run_root)
     path = run_root / stage / RECORD
     if not path.is_file():
         return []
@@ -175,17 +175,17 @@ def stale_inputs(run_root: Path, recipe, stage: str) -> list[str]:
     return changed
 
 
-def reused_state(stage_dir: Path, stage: str) -> list[Path]:
-    return sorted(p for pattern in REUSED.get(stage, []) for p in Path(stage_dir).glob(pattern))
+def reused_state(stage_dir, stage: str) -> list:
+    return sorted(p for pattern in REUSED.get(stage, []) for p in location(stage_dir).glob(pattern))
 
 
-def check_reusable(run_root: Path, recipe, stage: str) -> None:
+def check_reusable(run_root, recipe, stage: str) -> None:
     """A training stage resumes from its checkpoints when rerun: never from checkpoints whose inputs changed
     since (it would continue a model of other data as if up to date). Fails naming the changed files. The data
     stage handles its own (it retrains the tokenizer: pipelines/data/tokenize.py)."""
     if stage == "data":
         return
-    stage_dir = Path(run_root) / stage
+    stage_dir = location(run_root) / stage
     state = reused_state(stage_dir, stage)
     if not state:
         return
@@ -197,7 +197,7 @@ def check_reusable(run_root: Path, recipe, stage: str) -> None:
                          f"(rm -r {' '.join(str(p) for p in state)}) to train afresh")
 
 
-def chain(stage_dir: Path) -> list[dict]:
+def chain(stage_dir) -> list[dict]:
     """The records from ``stage_dir`` back to the data stage (each once), checked against the disk: every record
     gets ``changed`` (its files that differ now) and ``broken_parents`` (parents rerun since)."""
     run_root, out, todo, seen = stage_dir.parent, [], [stage_dir.name], set()
@@ -242,7 +242,7 @@ def format_chain(records: list[dict], max_files: int = 5) -> str:
 
 
 def lineage_command(model_dir: str) -> int:
-    path = Path(model_dir).expanduser().resolve()
+    path = location(model_dir).resolve()
     stage_dir = path.parent if (path / "config.json").is_file() or path.name == "model" else path
     records = chain(stage_dir)
     print(format_chain(records))

@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from cluster.storage import ObjectPath, local_copy, location, upload_dir
 from pipelines.hf_export import staged_directory
 
 BOS = "<|bos|>"
@@ -74,17 +76,24 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int,
     tok, trainer = _bpe(vocab_size, min_frequency)
     tok.train_from_iterator(texts, trainer=trainer)
     hf_tok = _wrap(tok)
+    out_dir = location(out_dir)
+    if isinstance(out_dir, ObjectPath):
+        with tempfile.TemporaryDirectory(prefix="raylm-tokenizer-") as tmp:
+            hf_tok.save_pretrained(tmp, save_jinja_files=False)
+            upload_dir(Path(tmp), out_dir, last=("tokenizer.json",))  # tokenizer.json (looked for) goes last
+        return load_tokenizer(out_dir)
     with staged_directory(out_dir) as tmp:
         # save_jinja_files=False keeps the chat template inside tokenizer_config.json (one file to ship).
         hf_tok.save_pretrained(str(tmp), save_jinja_files=False)
     return load_tokenizer(out_dir)
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    path = Path(path)
+def load_tokenizer(path: str | Path | ObjectPath) -> PreTrainedTokenizerFast:
+    path = location(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json (train one with pipelines.tokenizer.train_tokenizer)")
-    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    with local_copy(path) as local:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(local))
     missing = [t for t in SPECIAL_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:
         raise ValueError(f"{path / 'tokenizer.json'}: missing special tokens {missing} (not a raylm tokenizer)")
@@ -93,7 +102,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 def tokenizer_hash(path: str | Path) -> str:
     """sha256 of tokenizer.json: identifies the vocabulary a tokenized dataset or checkpoint was made with."""
-    return hashlib.sha256((Path(path) / "tokenizer.json").read_bytes()).hexdigest()
+    return hashlib.sha256((location(path) / "tokenizer.json").read_bytes()).hexdigest()
 
 
 def special_token_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """Shared fixtures. Ray tests share ONE local cluster per session (``ray_cluster``); mark them ``ray``."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -31,3 +32,28 @@ def ray_cluster():
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto, from the dev dependencies) on loopback for the session. pyarrow and
+    boto3 reach it through AWS_ENDPOINT_URL and dummy credentials, set here in the environment (a local Ray
+    cluster started afterwards passes them to its workers: cluster.runtime). Yields the endpoint URL."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (a dev dependency) is not installed")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

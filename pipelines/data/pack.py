@@ -11,6 +11,8 @@ from functools import lru_cache
 import numpy as np
 import pyarrow as pa
 
+from cluster.storage import location
+
 SPLITS = ("train", "validation")
 
 
@@ -49,7 +51,7 @@ def _tokenizer(tokenizer_file: str):
     # The raw `tokenizers` object: encode_batch in Rust, no Python-side wrapper per document. Same ids as the
     # HF wrapper (pipelines.tokenizer adds no special tokens on encode).
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(tokenizer_file)
+    return Tokenizer.from_str(location(tokenizer_file).read_text(encoding="utf-8"))
 
 
 def tokenize_pack_batch(batch: pa.Table, tokenizer_file: str, eos_id: int, seq_len: int,

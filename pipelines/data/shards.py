@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.config import atomic_write_json
+from cluster.storage import ObjectPath, arrow_target, location, move
 from pipelines.data.pack import SPLITS, unigram_entropy_nats
 
 MANIFEST = "manifest.json"
@@ -24,8 +25,9 @@ def write_shard_block(batch: pa.Table, out_dir: str, vocab_size: int) -> pa.Tabl
         if part.num_rows == 0:
             continue
         table = part.select(["input_ids", "doc_starts"])
-        path = Path(out_dir) / f".tmp-{split}-{uuid.uuid4().hex}.parquet"
-        pq.write_table(table, path)
+        path = location(out_dir) / f".tmp-{split}-{uuid.uuid4().hex}.parquet"
+        filesystem, target = arrow_target(path)
+        pq.write_table(table, target, filesystem=filesystem)
         flat = table.column("input_ids").combine_chunks().values.to_numpy()
         summaries["split"].append(split)
         summaries["path"].append(str(path))
@@ -43,7 +45,7 @@ def write_shard_block(batch: pa.Table, out_dir: str, vocab_size: int) -> pa.Tabl
     })
 
 
-def finalize_shards(summaries: list[dict], shards_dir: Path, vocab_size: int) -> dict:
+def finalize_shards(summaries: list[dict], shards_dir: Path | ObjectPath, vocab_size: int) -> dict:
     """Rename temp files to ``<split>-NNNNN.parquet`` (in a stable order) and total the splits."""
     splits: dict = {}
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -53,7 +55,7 @@ def finalize_shards(summaries: list[dict], shards_dir: Path, vocab_size: int) ->
         files = []
         for i, row in enumerate(rows):
             final = shards_dir / f"{split}-{i:05d}.parquet"
-            Path(row["path"]).replace(final)
+            move(row["path"], final)
             files.append(final.name)
             if split == "train":
                 counts += np.asarray(row["counts"], dtype=np.int64)
@@ -63,14 +65,14 @@ def finalize_shards(summaries: list[dict], shards_dir: Path, vocab_size: int) ->
     return {"splits": splits, "unigram_entropy_nats": unigram_entropy_nats(counts), "dropped_tokens": dropped}
 
 
-def write_manifest(shards_dir: Path, *, seq_len: int, vocab_size: int, tokenizer_dir: Path, tokenizer_hash: str,
-                   eos_id: int, totals: dict) -> Path:
+def write_manifest(shards_dir: Path | ObjectPath, *, seq_len: int, vocab_size: int,
+                   tokenizer_dir: Path | ObjectPath, tokenizer_hash: str, eos_id: int, totals: dict) -> Path:
     for split in SPLITS:
         if totals["splits"][split]["sequences"] == 0:
             raise ValueError(f"data: the {split} split has no full sequence of seq_len={seq_len} tokens: "
                              "give more input, a smaller data.tokenize.seq_len or another val_fraction")
     manifest = {
-        "seq_len": seq_len, "vocab_size": vocab_size, "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+        "seq_len": seq_len, "vocab_size": vocab_size, "tokenizer_dir": str(location(tokenizer_dir).resolve()),
         "tokenizer_hash": tokenizer_hash, "eos_id": eos_id,
         "unigram_entropy_nats": totals["unigram_entropy_nats"], "splits": totals["splits"],
     }

@@ -7,7 +7,6 @@ the streamed tokenizer sample, bounded by ``tokenizer.train_docs``.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -123,8 +122,8 @@ def _near(cfg, kept, clock: StageClock, stats: dict):
     return _split_marked(marked, "near_dedup:duplicate")
 
 
-def _write_parquet_dir(ds, outputs: DataOutputs, name: str) -> Path:
-    staging = outputs.staging(name)
+def _write_parquet_dir(ds, outputs: DataOutputs, name: str):
+    staging = outputs.staging(name)  # str(): a local path or a URI, which Ray Data resolves with pyarrow
     ds.write_parquet(str(staging))
     staging.mkdir(parents=True, exist_ok=True)  # an empty dataset writes nothing: still publish the dir
     return outputs.publish(name)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from cluster.storage import ObjectPath, location
 from pipelines.data.outputs import DataOutputs
 from pipelines.data.pack import tokenize_pack_batch
 from pipelines.data.shards import finalize_shards, write_manifest, write_shard_block
@@ -13,8 +14,8 @@ from pipelines.data.shards import finalize_shards, write_manifest, write_shard_b
 log = logging.getLogger("raylm")
 
 
-def tokenizer_dir(recipe, outputs: DataOutputs) -> Path:
-    return Path(recipe.tokenizer.path).expanduser().resolve() if recipe.tokenizer.path else outputs.root / "tokenizer"
+def tokenizer_dir(recipe, outputs: DataOutputs) -> Path | ObjectPath:
+    return location(recipe.tokenizer.path).resolve() if recipe.tokenizer.path else outputs.root / "tokenizer"
 
 
 def _sample_texts(kept, limit: int) -> Iterator[str]:
@@ -23,7 +24,7 @@ def _sample_texts(kept, limit: int) -> Iterator[str]:
         yield from batch.column("text").to_pylist()
 
 
-def ensure_tokenizer(recipe, kept, outputs: DataOutputs) -> tuple[Path, bool]:
+def ensure_tokenizer(recipe, kept, outputs: DataOutputs) -> tuple[Path | ObjectPath, bool]:
     from pipelines.lineage import stale_inputs
     from pipelines.tokenizer import train_tokenizer
 

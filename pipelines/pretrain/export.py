@@ -18,6 +18,7 @@ import yaml
 
 from cluster.config import atomic_write_text
 from cluster.recipe import recipe_from_dict
+from cluster.storage import ObjectPath, local_copy, location
 from pipelines.hf_export import export_hf
 from pipelines.model import build_model
 from pipelines.model_card import CARD, card_info, render_card
@@ -49,15 +50,16 @@ def consolidated_state(checkpoint_dir: Path, build) -> dict[str, torch.Tensor]:
         return torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
 
 
-def latest_checkpoint(stage_dir: Path) -> Path:
-    found = sorted(p for p in Path(stage_dir).glob("checkpoint_*") if p.is_dir())
+def latest_checkpoint(stage_dir):
+    found = sorted(p for p in location(stage_dir).glob("checkpoint_*") if p.is_dir())
     if not found:
         raise FileNotFoundError(f"{stage_dir}: no checkpoint_* folder; run `raylm pretrain` first")
     return found[-1]
 
 
-def export_checkpoint(run_dir: Path, checkpoint: str | None = None, out_dir: Path | None = None) -> Path:
-    run_dir = Path(run_dir)
+def export_checkpoint(run_dir, checkpoint: str | None = None, out_dir=None):
+    """Either directory may be an object-store URI (the checkpoint is then copied here first)."""
+    run_dir = location(run_dir)
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{config}: missing (the resolved recipe every raylm command writes)")
@@ -66,10 +68,12 @@ def export_checkpoint(run_dir: Path, checkpoint: str | None = None, out_dir: Pat
     vocab = int(manifest["vocab_size"])
     stage_dir = run_dir / "pretrain"
     source = stage_dir / checkpoint if checkpoint else latest_checkpoint(stage_dir)
-    state = consolidated_state(source, lambda: build_model(recipe.model, vocab, recipe.seed))
-    out = export_hf(state, recipe.model, vocab, manifest["tokenizer_dir"], out_dir or stage_dir / "model",
-                    card_info(recipe, run_dir, "pretrain"))
-    add_known_eval_results(out, recipe, run_dir)
+    with local_copy(source) as local:
+        state = consolidated_state(local, lambda: build_model(recipe.model, vocab, recipe.seed))
+    out = export_hf(state, recipe.model, vocab, manifest["tokenizer_dir"],
+                    location(out_dir) if out_dir else stage_dir / "model", card_info(recipe, run_dir, "pretrain"))
+    if not isinstance(out, ObjectPath):  # eval results are local-run only (eval refuses object-store run dirs)
+        add_known_eval_results(out, recipe, run_dir)
     return out
 
 
@@ -87,9 +91,9 @@ def add_known_eval_results(model_dir: Path, recipe, run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.pretrain.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", help="run directory (a path or an s3:// / gs:// URI)")
     parser.add_argument("--checkpoint", help="checkpoint folder name under RUN_DIR/pretrain (default: latest)")
-    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/pretrain/model)")
+    parser.add_argument("--out", help="output folder or URI (default: RUN_DIR/pretrain/model)")
     args = parser.parse_args(argv)
     try:
         print(export_checkpoint(args.run_dir, args.checkpoint, args.out))

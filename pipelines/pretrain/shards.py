@@ -14,12 +14,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from cluster.storage import ObjectPath, location
+
 MANIFEST_KEYS = ("seq_len", "vocab_size", "tokenizer_dir", "eos_id", "unigram_entropy_nats", "splits")
 
 
-def read_manifest(shards_dir: str | Path) -> dict:
+def read_manifest(shards_dir: str | Path | ObjectPath) -> dict:
     """The validated manifest; errors name the file and the key."""
-    path = Path(shards_dir) / "manifest.json"
+    shards_dir = location(shards_dir)
+    path = shards_dir / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no shard manifest; run `raylm data` on this run dir first")
     try:
@@ -34,7 +37,7 @@ def read_manifest(shards_dir: str | Path) -> dict:
         if not info or not info.get("files"):
             raise ValueError(f"{path}: splits.{split}: no files")
         for name in info["files"]:
-            if not (Path(shards_dir) / name).is_file():
+            if not (shards_dir / name).is_file():
                 raise FileNotFoundError(f"{path}: splits.{split}: shard {name} is missing")
     return manifest
 
@@ -44,15 +47,17 @@ def rank_slice(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
-def load_rows(shards_dir: Path, files: list[str], start: int, stop: int) -> np.ndarray:
+def load_rows(shards_dir: Path | ObjectPath, files: list[str], start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of the concatenated files as int32 [rows, seq_len], reading only the files needed."""
     parts, offset = [], 0
     for name in files:
-        path = Path(shards_dir) / name
-        rows = pq.ParquetFile(path).metadata.num_rows
-        lo, hi = max(start, offset), min(stop, offset + rows)
-        if lo < hi:
-            column = pq.read_table(path, columns=["input_ids"]).column("input_ids").slice(lo - offset, hi - lo)
+        with (location(shards_dir) / name).open("rb") as handle:  # local file or object, pyarrow reads both
+            shard = pq.ParquetFile(handle)
+            rows = shard.metadata.num_rows
+            lo, hi = max(start, offset), min(stop, offset + rows)
+            table = shard.read(columns=["input_ids"]) if lo < hi else None
+        if table is not None:
+            column = table.column("input_ids").slice(lo - offset, hi - lo)
             flat = column.combine_chunks().values.to_numpy(zero_copy_only=False)
             parts.append(flat.reshape(hi - lo, -1).astype(np.int32, copy=False))
         offset += rows
@@ -84,7 +89,7 @@ class ShardBatches:
             manifest = read_manifest(self.shards_dir)
             info = manifest["splits"][split]
             start, stop = rank_slice(info["sequences"], rank, world_size)
-            self._rows[key] = load_rows(Path(self.shards_dir), info["files"], start, stop)
+            self._rows[key] = load_rows(location(self.shards_dir), info["files"], start, stop)
         return self._rows[key]
 
     def __call__(self, split: str, rank: int, world_size: int, epoch: int) -> Iterator[tuple]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from cluster.rundir import read_metrics
 from cluster.runtime import connected_ray, storage_path
 from cluster.schemas.train import TrainConfig
+from cluster.storage import location
 from pipelines.train.ds_config import build_ds_config
 from pipelines.train.shm import skip_cpu_shm_comm_build
 from pipelines.train.task import TrainTask
@@ -55,17 +56,19 @@ def _scaling(cfg: TrainConfig):
                          placement_strategy=cfg.placement_strategy)
 
 
-def fit(task: TrainTask, cfg: TrainConfig, stage_dir: str | Path, *, seed: int = 0, pipeline_stages: int = 1,
+def fit(task: TrainTask, cfg: TrainConfig, stage_dir, *, seed: int = 0, pipeline_stages: int = 1,
         export_dir: str | Path | None = None, name: str | None = None) -> dict:
     """Train ``task`` with ``cfg`` on this process's Ray cluster (``cluster.runtime.init_ray`` started it); Ray
     Train's run directory is ``stage_dir`` itself (``storage_path`` = its parent, the run dir; ``name``
-    defaults to its basename, e.g. "pretrain")."""
+    defaults to its basename, e.g. "pretrain"). ``stage_dir`` and ``export_dir`` may be object-store URIs
+    (``cluster.storage``): Ray Train then uploads the checkpoints there itself, and the workers write metrics and
+    the export through pyarrow."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train.loop import train_worker
 
-    stage_dir = Path(stage_dir).resolve()
+    stage_dir = location(stage_dir).resolve()
     stage_dir.mkdir(parents=True, exist_ok=True)
     build_ds_config(cfg, cfg.num_workers, pipeline_stages)  # fail on a bad expert JSON before Ray starts
     connected_ray()  # fail here: TorchTrainer would start a bare local cluster of its own
@@ -74,7 +77,7 @@ def fit(task: TrainTask, cfg: TrainConfig, stage_dir: str | Path, *, seed: int =
         train_worker,
         train_loop_config={"task": task, "cfg": cfg, "seed": seed, "pipeline_stages": pipeline_stages,
                            "backend": backend, "stage_dir": str(stage_dir),
-                           "export_dir": str(Path(export_dir).resolve()) if export_dir else None},
+                           "export_dir": str(location(export_dir).resolve()) if export_dir else None},
         scaling_config=_scaling(cfg),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name=name or stage_dir.name, storage_path=storage_path(stage_dir.parent),
@@ -88,7 +91,7 @@ def fit(task: TrainTask, cfg: TrainConfig, stage_dir: str | Path, *, seed: int =
     return summarize(stage_dir, checkpoint)
 
 
-def summarize(stage_dir: Path, checkpoint: str | None = None) -> dict:
+def summarize(stage_dir, checkpoint: str | None = None) -> dict:
     """The final numbers of a stage from its metrics.jsonl (the last record per step wins: a restarted
     worker group re-logs the steps after its checkpoint)."""
     by_step = {r["step"]: r for r in read_metrics(stage_dir) if "step" in r}

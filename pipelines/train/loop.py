@@ -6,7 +6,6 @@ import os
 import random
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from cluster.config import atomic_write_json
 from cluster.rundir import MetricsLog
 from cluster.schemas.train import TrainConfig
+from cluster.storage import location
 from pipelines.train.builder import build_engine
 from pipelines.train.checkpoint import Position, restore, save_and_report
 from pipelines.train.data import BatchStream, first_batches
@@ -95,7 +95,7 @@ def evaluate(engine, task: TrainTask, cfg: TrainConfig, dp_rank: int, dp_world: 
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
-def record_placement(stage_dir: Path, rank: int, world: int) -> None:
+def record_placement(stage_dir, rank: int, world: int) -> None:
     """``workers.json``: where each rank runs (node, host, pid, device), for operators and tests."""
     here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
             "pid": os.getpid(), "device": str(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"}
@@ -124,13 +124,13 @@ def train_worker(config: dict[str, Any]) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=config["backend"])  # wraps the process group Ray Train made
-    record_placement(Path(config["stage_dir"]), rank, world)
+    record_placement(location(config["stage_dir"]), rank, world)
     seed_everything(config["seed"])
     engine = build_engine(task, cfg, world, pipeline_stages)
     dp_rank, dp_world = (engine.grid.data_parallel_id, engine.grid.data_parallel_size) if pipeline else (rank, world)
     position = restore(engine, rank) or Position()
     stream = BatchStream(task, "train", dp_rank, dp_world, engine.device, position.epoch, position.index)
-    log = MetricsLog(Path(config["stage_dir"])) if rank == 0 else None
+    log = MetricsLog(location(config["stage_dir"])) if rank == 0 else None
     peak = peak_flops(engine.device)
     peak_total = peak * world if peak else None
     end = cfg.stop_at_step or cfg.max_steps
@@ -159,6 +159,6 @@ def train_worker(config: dict[str, Any]) -> None:
     if config["export_dir"] and task.export is not None and position.step == cfg.max_steps:
         state = full_state_dict(engine, task, pipeline)  # collective; the full weights on rank 0 only
         if rank == 0:
-            task.export(state, Path(config["export_dir"]))
+            task.export(state, location(config["export_dir"]))
     if log:
         log.close()
