@@ -48,10 +48,11 @@ def client(app) -> openai.OpenAI:
 
 
 def engine_replicas() -> dict[str, int]:
+    """Replica states of the deployment holding the model (with the hf engine: the ingress itself)."""
     from ray import serve
 
-    from serve.app import APP_NAME, ENGINE
-    return dict(serve.status().applications[APP_NAME].deployments[ENGINE].replica_states)
+    from serve.app import APP_NAME, INGRESS
+    return dict(serve.status().applications[APP_NAME].deployments[INGRESS].replica_states)
 
 
 
@@ -209,10 +210,10 @@ def test_killing_a_replica_under_load_fails_only_its_requests(app, client):
     import ray
 
     def replica_pids() -> set[int]:
-        """PIDs of the live LLMEngine replica actors (Serve names them SERVE_REPLICA::raylm#LLMEngine#<id>)."""
+        """PIDs of the live model replicas (Serve names them SERVE_REPLICA::raylm#OpenAIIngress#<id>)."""
         pids = set()
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if actor["name"].startswith("SERVE_REPLICA::raylm#LLMEngine#"):
+            if actor["name"].startswith("SERVE_REPLICA::raylm#OpenAIIngress#"):
                 handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
                 try:
                     pids.add(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30))
@@ -230,10 +231,10 @@ def test_killing_a_replica_under_load_fails_only_its_requests(app, client):
     runner.join(timeout=300)
     assert not runner.is_alive() and len(done) == total
     failed = [s for s in done if s != 200]
-    # only requests the killed replica was generating may fail (at most `concurrency`), with 503; those it had
-    # not started are sent to another replica by the ingress
+    # only requests the killed replica held may fail (at most `concurrency`); the replica held their HTTP
+    # exchange too, so Serve's proxy answers them (500), and later requests go to the replacement
     assert len(failed) <= concurrency, failed
-    assert set(failed) <= {503}, failed
+    assert set(failed) <= {500, 503}, failed
     wait_for(lambda: replica_pids() and victim not in replica_pids()
              and engine_replicas().get("RUNNING", 0) >= 1, 120, "Serve to replace the killed replica")
     assert client.completions.create(model=MODEL, prompt="after", max_tokens=4).usage.completion_tokens >= 1
