@@ -36,7 +36,8 @@ SERVE_PORT = 8000  # KubeRay's serve Service targets 8000; recipe serve.host/por
 SERVE_IMPORT_PATH = "serve.app:build_app"
 SERVE_APP_NAME = "raylm"
 # The deployments serve/app.py builds (its ENGINE and INGRESS; not imported: cluster/ never imports serve/,
-# tests/test_k8s.py checks the names agree). Their scaling and resources come from the recipe here.
+# tests/test_k8s.py checks the names agree). With the hf engine the model runs in the ingress replicas, so
+# OpenAIIngress is the one deployment, with the engine's scaling and resources from the recipe.
 SERVE_ENGINE = "LLMEngine"
 SERVE_INGRESS = "OpenAIIngress"
 API_KEY_SECRET = "raylm-api-key"  # Secret with key `api-key`, mounted for the Serve app (serve.api_key_file)
@@ -335,14 +336,11 @@ def serve_config(recipe: Recipe, recipe_rel: str, overrides: list[str] | None = 
                      "overrides": [f"serve.api_key_file={API_KEY_FILE}", *(overrides or [])]},
             "runtime_env": serve_runtime_env(),
             "deployments": [
-                {"name": SERVE_ENGINE,
-                 "max_ongoing_requests": serve.max_ongoing_requests,
+                {"name": SERVE_INGRESS,
+                 "max_ongoing_requests": serve.ingress_max_ongoing_requests,
                  "max_queued_requests": serve.max_queued_requests,
                  "autoscaling_config": scaling.to_serve(),
                  "ray_actor_options": {"num_cpus": serve.num_cpus, "num_gpus": serve.num_gpus}},
-                {"name": SERVE_INGRESS,
-                 "num_replicas": serve.ingress_replicas,
-                 "ray_actor_options": {"num_cpus": serve.ingress_num_cpus}},
             ],
         }],
     }

@@ -1,21 +1,20 @@
 """The Ray Serve application: ``serve.app:build_app`` (the import path KubeRay's RayService uses).
 
-One application, APP_NAME, of two deployments whose names are stable (serveConfigV2 and dashboards refer to them):
+One application, APP_NAME; its deployments' names are stable (serveConfigV2 and dashboards refer to them).
 
-- ``OpenAIIngress`` (ingress, ``ingress_replicas`` fixed replicas): the HTTP routes (/v1/chat/completions,
-  /v1/completions, /v1/models, /health), the API key check, input limits, Prometheus metrics, and the Gradio
-  demo mounted at /demo. It tokenizes and validates, then streams from the engine through a handle.
-- ``LLMEngine`` (autoscaled from ``serve.autoscaling``): the model, run by a continuous-batching loop
-  (requests join and leave the running batch between decode steps); each request's tokens stream back.
+``serve.engine: hf`` (default): one deployment, ``OpenAIIngress``, autoscaled from ``serve.autoscaling``. Each
+replica holds the HTTP routes (/v1/chat/completions, /v1/completions, /v1/models, /health), the API key check,
+input limits, Prometheus metrics, the Gradio demo at /demo, and the model, run by a continuous-batching loop in a
+thread (serve/local_engine.py). No Serve handle sits between a request and the model: measured on the 2-core
+machine, a separate engine deployment cost ~1.8x the CPU per streamed token (docs/serving.md).
 
-``serve.engine: vllm`` runs vLLM's engine in ``LLMEngine`` instead (serve/vllm_engine.py, same ``generate``
-contract), in the Python of ``serve.engine_python``; the ingress, and so the whole HTTP surface, stays the same.
+``serve.engine: vllm``: vLLM's engine runs in a second deployment, ``LLMEngine`` (serve/vllm_engine.py, same
+``generate`` contract), in the Python of ``serve.engine_python``; ``OpenAIIngress`` (``ingress_replicas`` fixed
+replicas) streams from it through a handle. The HTTP surface is the same either way.
 """
 from __future__ import annotations
 
-import asyncio
 import shlex
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ray import serve
@@ -23,46 +22,10 @@ from ray.serve import Application
 
 from cluster.recipe import load_recipe
 from cluster.schemas.serve import ServeConfig
-from serve.sampling import Delta, SamplingParams
 
 APP_NAME = "raylm"
 INGRESS = "OpenAIIngress"
 ENGINE = "LLMEngine"
-
-
-@serve.deployment(name=ENGINE)
-class LLMEngine:
-    """Holds one copy of the model; a continuous-batching loop (serve/batching.py) runs it in a thread."""
-
-    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float, stream_interval: int):
-        from serve.batching import Scheduler
-        from serve.engine import Engine
-
-        self.engine = Engine(model_dir)
-        self.scheduler = Scheduler(self.engine, max_batch_size, stream_interval, gather_s=batch_wait_timeout_s)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Yields the request's Deltas (text, completion_tokens, finish_reason, log-probs) as its tokens come."""
-        from serve.mailbox import Mailbox
-
-        mailbox = Mailbox(asyncio.get_running_loop())
-        key = object()
-        self.scheduler.submit(key, prompt_ids, params, mailbox.put)
-        finished = False
-        try:
-            while not finished:
-                item = await mailbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-        finally:
-            if not finished:  # the client went away (or an error): free the request's batch slot
-                self.scheduler.cancel(key)
-
-    def check_health(self) -> None:
-        if not self.scheduler.thread.is_alive():
-            raise RuntimeError("the batching thread died")
 
 
 def _ingress_class():
@@ -76,39 +39,39 @@ def build_from_config(cfg: ServeConfig, model_dir: str | Path) -> Application:
     model_dir = str(Path(model_dir).resolve())
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"serve: {model_dir} is not a Hugging Face model dir (no config.json)")
-    actor_options: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
-    if cfg.engine == "vllm":
-        from serve.vllm_engine import VLLMEngine, require_vllm
+    from cluster.config import to_dict
 
-        require_vllm(cfg.engine_python)  # here, before Serve starts, not in a replica that retries
-        runtime_env: dict = {"env_vars": dict(cfg.engine_env)}
-        if cfg.engine_python:
-            runtime_env["py_executable"] = cfg.engine_python
-        actor_options["runtime_env"] = runtime_env
-        deployment = serve.deployment(VLLMEngine, name=ENGINE)
-        engine_args = {"max_num_seqs": cfg.max_batch_size, **cfg.engine_args}
-        args: tuple = (model_dir, cfg.max_prompt_tokens + cfg.max_new_tokens, cfg.stream_interval, engine_args)
-    else:
-        if cfg.engine_env:
-            actor_options["runtime_env"] = {"env_vars": dict(cfg.engine_env)}
-        deployment = LLMEngine
-        args = (model_dir, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.stream_interval)
-    engine = deployment.options(
+    actor_options: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    if cfg.engine_env:
+        actor_options["runtime_env"] = {"env_vars": dict(cfg.engine_env)}
+    ingress = serve.deployment(_ingress_class(), name=INGRESS)
+    if cfg.engine == "hf":  # the model lives in the ingress replicas: they scale as the engine would
+        return ingress.options(
+            autoscaling_config=cfg.autoscaling.to_serve(),
+            max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+            max_queued_requests=cfg.max_queued_requests,
+            ray_actor_options=actor_options,
+        ).bind(None, model_dir, to_dict(cfg))
+
+    from serve.vllm_engine import VLLMEngine, require_vllm
+
+    require_vllm(cfg.engine_python)  # here, before Serve starts, not in a replica that retries
+    if cfg.engine_python:
+        actor_options["runtime_env"] = {**actor_options.get("runtime_env", {}), "py_executable": cfg.engine_python}
+    engine_args = {"max_num_seqs": cfg.max_batch_size, **cfg.engine_args}
+    engine = serve.deployment(VLLMEngine, name=ENGINE).options(
         autoscaling_config=cfg.autoscaling.to_serve(),
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         ray_actor_options=actor_options,
         # one engine call per completion choice, already in the ingress's access log: no second line per call
         logging_config={"enable_access_log": False},
-    ).bind(*args)
-    ingress = serve.deployment(_ingress_class(), name=INGRESS).options(
+    ).bind(model_dir, cfg.max_prompt_tokens + cfg.max_new_tokens, cfg.stream_interval, engine_args)
+    return ingress.options(
         num_replicas=cfg.ingress_replicas,
-        # async I/O only: many in flight is fine; above max_pending_requests the app itself answers 429
-        max_ongoing_requests=cfg.max_pending_requests + 64,
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-    )
-    from cluster.config import to_dict
-    return ingress.bind(engine, model_dir, to_dict(cfg))
+    ).bind(engine, model_dir, to_dict(cfg))
 
 
 def build_app(args: dict) -> Application:

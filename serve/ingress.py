@@ -1,4 +1,5 @@
-"""The ``OpenAIIngress`` deployment: OpenAI-compatible HTTP routes in front of the ``LLMEngine`` deployment.
+"""The ``OpenAIIngress`` deployment: OpenAI-compatible HTTP routes in front of the engine (the hf engine in the
+same replica, or the ``LLMEngine`` deployment of ``serve.engine: vllm``; see serve/app.py).
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}] (with the model's lineage and
 eval summary as extra fields: serve/model_info.py), GET /health, the tokenizer (GET /tokenizer_info, POST
@@ -138,12 +139,21 @@ class _Metrics:
 
 @serve.ingress()
 class OpenAIIngress:
-    def __init__(self, engine: DeploymentHandle, model_dir: str, cfg: dict):
-        from transformers import AutoTokenizer
-
+    def __init__(self, engine: DeploymentHandle | None, model_dir: str, cfg: dict):
+        """``engine``: the vLLM engine deployment's handle, or None: run the hf engine in this replica."""
         self.engine = engine
         self.cfg = from_dict(ServeConfig, cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.local = None
+        if engine is None:
+            from serve.local_engine import HFEngine
+
+            c = self.cfg
+            self.local = HFEngine(model_dir, c.max_batch_size, c.batch_wait_timeout_s, c.stream_interval)
+            self.tokenizer = self.local.engine.tokenizer
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.vocab_size = len(self.tokenizer)
         self.token_info = lru_cache(maxsize=65536)(partial(token_info, self.tokenizer, byte_level_alphabet()))
         self.api_key = read_api_key(self.cfg)
@@ -155,6 +165,10 @@ class OpenAIIngress:
         if self.api_key is None and not is_loopback(self.cfg.host):
             log.warning("serve: the API listens on %s with no API key: anyone who reaches it can generate (set %s "
                         "or serve.api_key_file)", self.cfg.host, self.cfg.api_key_env)
+
+    def check_health(self) -> None:
+        if self.local is not None:
+            self.local.check_health()
 
     def __serve_build_asgi_app__(self):
         app = build_api(self)
@@ -223,7 +237,10 @@ class OpenAIIngress:
         loop = asyncio.get_running_loop()
         gen = None
         try:
-            gen = self.engine.options(stream=True).generate.remote(prompt_ids, params)
+            if self.local is not None:
+                gen = self.local.generate(prompt_ids, params)
+            else:
+                gen = self.engine.options(stream=True).generate.remote(prompt_ids, params)
             while True:
                 try:
                     delta = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - loop.time()))
@@ -233,7 +250,9 @@ class OpenAIIngress:
         except Exception as exc:
             raise engine_error(exc, self.cfg.request_timeout_s, request_id) from exc
         finally:
-            if gen is not None:
+            if self.local is not None and gen is not None:
+                await gen.aclose()  # frees the request's batch row
+            elif gen is not None:
                 gen.cancel()
 
     async def open_choice(self, index: int, ids: list[int], params: SamplingParams, deadline: float,

@@ -185,7 +185,7 @@ def test_serve_config_is_valid_for_ray_and_follows_the_recipe(rendered):
         config = yaml.safe_load(service["spec"]["serveConfigV2"])
         ServeDeploySchema.model_validate(config)  # raises on any invalid field
         recipe = load_recipe(PROJECT_ROOT / k8s.PROFILES[overlay].recipe)
-        engine = next(d for d in config["applications"][0]["deployments"] if d["name"] == k8s.SERVE_ENGINE)
+        engine = next(d for d in config["applications"][0]["deployments"] if d["name"] == k8s.SERVE_INGRESS)
         assert engine["autoscaling_config"] == recipe.serve.autoscaling.to_serve()
         assert engine["ray_actor_options"]["num_gpus"] == recipe.serve.num_gpus
     tiny = load_recipe(PROJECT_ROOT / "configs" / "tiny-cpu.yaml", ["serve.autoscaling.max_replicas=5"])

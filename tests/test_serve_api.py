@@ -22,6 +22,7 @@ API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MODEL = "raylm"
 CHAT = [{"role": "user", "content": "Say something."}]
+DROPPED = 0  # the status recorded for a request whose connection dropped before any response
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,11 @@ def client(app) -> openai.OpenAI:
 
 
 def engine_replicas() -> dict[str, int]:
+    """Replica states of the deployment holding the model (with the hf engine: the ingress itself)."""
     from ray import serve
 
-    from serve.app import APP_NAME, ENGINE
-    return dict(serve.status().applications[APP_NAME].deployments[ENGINE].replica_states)
+    from serve.app import APP_NAME, INGRESS
+    return dict(serve.status().applications[APP_NAME].deployments[INGRESS].replica_states)
 
 
 
@@ -67,8 +69,13 @@ async def _load(base: str, n: int, concurrency: int, max_tokens: int, done: list
             async with sem:
                 if stop is not None and stop.is_set():
                     return None
-                r = await http.post("/completions", json={"model": MODEL, "prompt": f"request {i}",
-                                                          "max_tokens": max_tokens, "temperature": 0.7})
+                try:
+                    r = await http.post("/completions", json={"model": MODEL, "prompt": f"request {i}",
+                                                              "max_tokens": max_tokens, "temperature": 0.7})
+                except httpx.TransportError:  # the connection dropped (its replica died): no status at all
+                    if done is not None:
+                        done.append(DROPPED)
+                    return DROPPED
                 if r.status_code == 200:
                     assert 0 <= r.json()["usage"]["completion_tokens"] <= max_tokens  # 0: EOS came first
                 if done is not None:
@@ -111,7 +118,7 @@ def test_chat_stream_equals_non_stream(client):
 
 
 def test_completions_stream_ends_with_done(app):
-    body = {"model": MODEL, "prompt": "The os module", "max_tokens": 10, "stream": True}
+    body = {"model": MODEL, "prompt": "The os module", "max_tokens": 10, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", app["api"] + "/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -209,10 +216,10 @@ def test_killing_a_replica_under_load_fails_only_its_requests(app, client):
     import ray
 
     def replica_pids() -> set[int]:
-        """PIDs of the live LLMEngine replica actors (Serve names them SERVE_REPLICA::raylm#LLMEngine#<id>)."""
+        """PIDs of the live model replicas (Serve names them SERVE_REPLICA::raylm#OpenAIIngress#<id>)."""
         pids = set()
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if actor["name"].startswith("SERVE_REPLICA::raylm#LLMEngine#"):
+            if actor["name"].startswith("SERVE_REPLICA::raylm#OpenAIIngress#"):
                 handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
                 try:
                     pids.add(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30))
@@ -230,10 +237,10 @@ def test_killing_a_replica_under_load_fails_only_its_requests(app, client):
     runner.join(timeout=300)
     assert not runner.is_alive() and len(done) == total
     failed = [s for s in done if s != 200]
-    # only requests the killed replica was generating may fail (at most `concurrency`), with 503; those it had
-    # not started are sent to another replica by the ingress
+    # only requests the killed replica held may fail (at most `concurrency`); the replica held their HTTP
+    # exchange too, so they get a 502 from the proxy in front or a dropped connection; later ones go elsewhere
     assert len(failed) <= concurrency, failed
-    assert set(failed) <= {503}, failed
+    assert set(failed) <= {DROPPED, 500, 502, 503}, failed
     wait_for(lambda: replica_pids() and victim not in replica_pids()
              and engine_replicas().get("RUNNING", 0) >= 1, 120, "Serve to replace the killed replica")
     assert client.completions.create(model=MODEL, prompt="after", max_tokens=4).usage.completion_tokens >= 1

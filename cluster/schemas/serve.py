@@ -12,7 +12,7 @@ def _positive(obj, *names: str) -> None:
 
 @dataclass(kw_only=True)
 class AutoscalingConfig:
-    """Serve autoscaling of the LLMEngine deployment (see serve/app.py)."""
+    """Serve autoscaling of the replicas that hold the model (see serve/app.py)."""
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 4
@@ -51,15 +51,16 @@ class ServeConfig:
     # The API key itself never lives in the recipe: it is read from this env var, else from this file.
     api_key_env: str = "RAYLM_API_KEY"
     api_key_file: str | None = None
-    # LLMEngine replicas (autoscaled)
+    # Replicas that hold the model, autoscaled: with engine=hf the OpenAIIngress replicas (HTTP and model in one
+    # process), with engine=vllm the LLMEngine replicas
     num_cpus: float = 1
     num_gpus: float = 0
-    max_ongoing_requests: int = 32  # per engine replica; >= max_batch_size
+    max_ongoing_requests: int = 32  # engine=vllm: calls in flight per LLMEngine replica; >= max_batch_size
     max_queued_requests: int = -1  # Serve's queue bound per caller (-1: none); past it Serve's plain 503
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     stream_interval: int = 4  # tokens per streamed message after the first (fewer messages, more throughput)
-    # OpenAIIngress (HTTP + demo): fixed replicas, light on CPU (tokenizing and JSON only)
+    # engine=vllm: OpenAIIngress (HTTP + demo) replicas, fixed, light on CPU (tokenizing and JSON only)
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.1
     max_pending_requests: int = 128  # completions in progress per ingress replica; more -> 429
@@ -74,6 +75,12 @@ class ServeConfig:
     # serve fills in <run-dir>/report/report.html when the run has one.
     report: str | None = None
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+    @property
+    def ingress_max_ongoing_requests(self) -> int:
+        """Serve's cap per OpenAIIngress replica: above max_pending_requests, so a client past that bound gets the
+        app's OpenAI-shaped 429 rather than waiting in Serve's queue."""
+        return self.max_pending_requests + 64
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
