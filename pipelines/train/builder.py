@@ -20,6 +20,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def muon_optimizer(model: torch.nn.Module, cfg: TrainConfig, betas: tuple[float, float]):
+    """DeepSpeed's ``MuonWithAuxAdam``: Muon for the matrices inside transformer blocks, torch AdamW for the rest
+    (embedding, LM head or value head, norms), as in modded-nanogpt.
+
+    DeepSpeed's class rather than ``torch.optim.Muon``: ZeRO-1/2/3 hand the optimizer flat 1-D partitions, and
+    only for this class do they orthogonalize each matrix's full gradient before partitioning (it reads
+    ``param.use_muon``, set here). Built by us, not from a config ``{"type": "Muon"}``: DeepSpeed's own tagging
+    sends every 2-D weight not named "embed"/"lm_head" to Muon (our head is ``head.output``), and its
+    auxiliary Adam would be FusedAdam, a native op compiled for minutes on CPU."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    from pipelines.model import Block
+
+    in_blocks = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters() if p.dim() == 2}
+    if not in_blocks:
+        raise ValueError("optimizer: muon needs a model built of pipelines.model.Block layers")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.use_muon = id(p) in in_blocks
+    return MuonWithAuxAdam(
+        [{"params": [p for p in params if p.use_muon], "use_muon": True, "lr": cfg.muon_lr,
+          "momentum": cfg.muon_momentum, "weight_decay": cfg.weight_decay},
+         *[{**group, "params": [p for p in group["params"] if not p.use_muon], "use_muon": False, "lr": cfg.lr,
+            "betas": betas, "eps": 1e-8} for group in param_groups(model, cfg.weight_decay)]],
+        adam_optimizer=torch.optim.AdamW)
+
+
 def cost_balanced_pipeline(layers: list[torch.nn.Module], costs: list[float] | None, **kwargs):
     """A DeepSpeed ``PipelineModule`` whose stages balance ``costs`` (per layer) rather than parameter counts.
 
@@ -63,7 +90,10 @@ def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_st
     # several (+1.6 MFU points on the 125M recipe at 32 x 2 on an H100, docs/pretrain.md). CPU runs keep the
     # default, which the bitwise resume tests pin.
     fused = True if cfg.gpus_per_worker > 0 else None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, fused=fused)
+    if cfg.optimizer == "muon":
+        optimizer = muon_optimizer(model, cfg, betas)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, fused=fused)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=warmup_cosine(optimizer, cfg),
         config=build_ds_config(cfg, world_size, pipeline_stages))
