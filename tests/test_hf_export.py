@@ -46,7 +46,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def exported(request, tokenizer_dir, tmp_path_factory):
-    options, hf_class = VARIANTS[request.param]
+    options = VARIANTS[request.param][0]
     cfg = ModelConfig(**BASE, **options)
     vocab = 320  # padded past the tokenizer's size, as a training run may do
     model = build_model(cfg, vocab, seed=3).eval()
