@@ -4,11 +4,15 @@ wall time, both scored in bits per byte on the same held-out text.
     .venv/bin/python benchmarks/pretrain_quality.py                        # the built-in corpus, tiny-cpu recipe
     .venv/bin/python benchmarks/pretrain_quality.py --text input.txt       # any text file: first 90% / last 10%
     .venv/bin/python benchmarks/pretrain_quality.py model.qk_norm=true pretrain.optimizer=adamw
+    .venv/bin/python benchmarks/pretrain_quality.py --local            # screening: the engine in this process
 
 raylm: the recipe's BPE tokenizer trained on the training text, the recipe's model and ``pretrain:`` section
 through the real engine (Ray Train workers, DeepSpeed), exported to Hugging Face format and scored with
 transformers (``pipelines.eval.scoring``, as ``raylm eval`` does). Its training time is the sum of its steps'
-``step_s`` (no Ray start-up, evals, checkpoints or export).
+``step_s`` (no Ray start-up, evals, checkpoints or export). ``--local`` builds the same DeepSpeed engine
+(``build_engine``: model, optimizer, schedule, ZeRO) in this process as one rank with all the threads and the
+same global batch, for screening settings where Ray cannot start (on this shared VM the raylet crashed at
+load ~65); the figure that counts is the Ray run's.
 Baseline: nanoGPT's documented CPU run of ``train_shakespeare_char`` (4 layers, 4 heads, 128 wide, block 64,
 batch 12, dropout 0, AdamW lr 1e-3 betas (0.9, 0.99), warm-up 100 iterations, cosine to 1e-4, clip 1), as a
 plain PyTorch GPT written below, in one process with as many threads as raylm's workers have in all. It trains
@@ -141,6 +145,49 @@ def run_raylm(recipe, shards: Path, manifest: dict, stage_dir: Path, val: list[s
             "model_class": model.__class__.__name__}
 
 
+def run_raylm_local(recipe, shards: Path, manifest: dict, out_dir: Path, val: list[str]) -> dict:
+    import dataclasses
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.eval.scoring import bits_per_byte
+    from pipelines.hf_export import export_hf
+    from pipelines.pretrain.task import pretrain_task
+    from pipelines.train.builder import build_engine
+    from pipelines.train.data import BatchStream
+    from pipelines.train.loop import seed_everything, train_step
+    from pipelines.train.shm import skip_cpu_shm_comm_build
+
+    cfg = recipe.pretrain
+    one = dataclasses.replace(cfg, num_workers=1, micro_batch_size=cfg.micro_batch_size * cfg.num_workers)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", init_method=f"file://{out_dir.parent / 'dist-store'}", rank=0, world_size=1)
+    skip_cpu_shm_comm_build()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(cfg.num_workers * cfg.cpus_per_worker)
+    seed_everything(recipe.seed)
+    task = pretrain_task(recipe.model, one, manifest, shards, recipe.seed)
+    engine = build_engine(task, one, world_size=1, pipeline_stages=1)
+    stream = BatchStream(task, "train", 0, 1, engine.device)
+    train_s, loss = 0.0, float("nan")
+    for step in range(1, one.max_steps + 1):
+        t0 = time.perf_counter()
+        loss = train_step(engine, task, stream, one, pipeline=False)
+        train_s += time.perf_counter() - t0
+        if step % 50 == 0:
+            print(f"  raylm (local) step {step}: loss {loss:.3f}, {train_s:.0f}s", flush=True)
+    export_hf(engine.module.state_dict(), recipe.model, manifest["vocab_size"], manifest["tokenizer_dir"], out_dir)
+    dist.destroy_process_group()
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    score = bits_per_byte(model, AutoTokenizer.from_pretrained(out_dir), val, manifest["seq_len"] - 1, 16, "raylm")
+    return {"bits_per_byte": score["bits_per_byte"], "train_s": round(train_s, 1), "steps": one.max_steps,
+            "tokens": stream.tokens, "final_loss": round(loss, 4), "engine": "local (1 rank)",
+            "bytes_per_token": round(1 / score["tokens_per_byte"], 3), "model_class": model.__class__.__name__}
+
+
 class NanoGPT(nn.Module):
     """nanoGPT's GPT (bias=False, dropout 0): learned positions, pre-LayerNorm blocks, GELU MLP 4x, tied head."""
 
@@ -221,6 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default=None, help="recipe (default configs/tiny-cpu.yaml)")
     parser.add_argument("--text", help="a UTF-8 text file instead of the built-in corpus")
+    parser.add_argument("--local", action="store_true", help="screening: raylm's engine in this process, no Ray")
     parser.add_argument("--max-val-bytes", type=int, default=131072, help="held-out bytes scored")
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "raylm" / "pretrain_quality")
     parser.add_argument("overrides", nargs="*", help="recipe overrides KEY=VALUE")
@@ -236,7 +284,8 @@ def main() -> None:
     print(f"text: {args.text or 'built-in corpus'}: {sum(len(t.encode()) for t in train):,} training bytes, "
           f"{sum(len(t.encode()) for t in val):,} held-out bytes scored", flush=True)
     with tempfile.TemporaryDirectory(prefix="raylm-quality-") as tmp:
-        ours = run_raylm(recipe, shards, manifest, Path(tmp) / "pretrain", val)
+        run = run_raylm_local if args.local else run_raylm
+        ours = run(recipe, shards, manifest, Path(tmp) / "pretrain", val)
     print(f"raylm: {ours['bits_per_byte']:.4f} bits/byte after {ours['train_s']:.0f}s of training", flush=True)
     base = run_baseline(train, val, ours["train_s"], cfg.num_workers * cfg.cpus_per_worker, recipe.seed)
     ratio = ours["bits_per_byte"] / base["bits_per_byte"]
