@@ -172,7 +172,7 @@ def run_raylm_local(recipe, shards: Path, manifest: dict, out_dir: Path, val: li
     task = pretrain_task(recipe.model, one, manifest, shards, recipe.seed)
     engine = build_engine(task, one, world_size=1, pipeline_stages=1)
     stream = BatchStream(task, "train", 0, 1, engine.device)
-    train_s, loss = 0.0, float("nan")
+    train_s, loss, cpu0 = 0.0, float("nan"), time.process_time()
     for step in range(1, one.max_steps + 1):
         t0 = time.perf_counter()
         loss = train_step(engine, task, stream, one, pipeline=False)
@@ -185,6 +185,7 @@ def run_raylm_local(recipe, shards: Path, manifest: dict, out_dir: Path, val: li
     score = bits_per_byte(model, AutoTokenizer.from_pretrained(out_dir), val, manifest["seq_len"] - 1, 16, "raylm")
     return {"bits_per_byte": score["bits_per_byte"], "train_s": round(train_s, 1), "steps": one.max_steps,
             "tokens": stream.tokens, "final_loss": round(loss, 4), "engine": "local (1 rank)",
+            "train_cpu_s": round(time.process_time() - cpu0, 1),
             "bytes_per_token": round(1 / score["tokens_per_byte"], 3), "model_class": model.__class__.__name__}
 
 
@@ -269,6 +270,8 @@ def main() -> None:
     parser.add_argument("-c", "--config", default=None, help="recipe (default configs/tiny-cpu.yaml)")
     parser.add_argument("--text", help="a UTF-8 text file instead of the built-in corpus")
     parser.add_argument("--local", action="store_true", help="screening: raylm's engine in this process, no Ray")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="raylm's bits per byte only (comparing raylm settings at equal steps)")
     parser.add_argument("--max-val-bytes", type=int, default=131072, help="held-out bytes scored")
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "raylm" / "pretrain_quality")
     parser.add_argument("overrides", nargs="*", help="recipe overrides KEY=VALUE")
@@ -287,6 +290,9 @@ def main() -> None:
         run = run_raylm_local if args.local else run_raylm
         ours = run(recipe, shards, manifest, Path(tmp) / "pretrain", val)
     print(f"raylm: {ours['bits_per_byte']:.4f} bits/byte after {ours['train_s']:.0f}s of training", flush=True)
+    if args.no_baseline:
+        print(json.dumps({"load_average_before": round(load_before, 1), "overrides": args.overrides, "raylm": ours}))
+        return
     base = run_baseline(train, val, ours["train_s"], cfg.num_workers * cfg.cpus_per_worker, recipe.seed)
     ratio = ours["bits_per_byte"] / base["bits_per_byte"]
     print(f"nanoGPT-shape char baseline: {base['bits_per_byte']:.4f} bits/byte after {base['train_s']:.0f}s")
