@@ -163,3 +163,15 @@ def test_errors_name_the_problem(tokenizer_dir, tmp_path):
     variant.attention_bias = True
     with pytest.raises(ValueError, match="attention_bias"):
         model_config_from_hf(variant)
+
+
+def test_a_qk_norm_export_starts_a_reward_model_of_its_own_family(tokenizer_dir, tmp_path):
+    # The reward stage starts from the pretrained LM: a Qwen3 export must keep its q/k norms there.
+    from pipelines.reward.model import init_reward_model
+
+    cfg = ModelConfig(**BASE, qk_norm=True)
+    model = build_model(cfg, 320, seed=0)
+    export_hf(model.state_dict(), cfg, 320, tokenizer_dir, tmp_path / "hf")
+    reward = init_reward_model(tmp_path / "hf")
+    assert type(reward).__name__ == "Qwen3ForSequenceClassification"
+    assert torch.equal(reward.model.layers[0].self_attn.q_norm.weight, model.layers[0].attn.q_norm.weight)

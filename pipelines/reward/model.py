@@ -38,14 +38,16 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def init_reward_model(lm_dir: str | Path):
-    """A reward model from a causal LM dir: its body, plus a fresh scalar head."""
-    from transformers import LlamaForSequenceClassification
+    """A reward model from a causal LM dir: its body, plus a fresh scalar head. The Auto class picks the LM's
+    own family (Llama, or Qwen3 for a model.qk_norm export): Llama's class would drop Qwen3's q/k norms, and
+    with the warnings silenced below, without a word."""
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers reports the fresh head as MISSING: that is the point here
     try:
-        return LlamaForSequenceClassification.from_pretrained(str(lm_dir), num_labels=1)
+        return AutoModelForSequenceClassification.from_pretrained(str(lm_dir), num_labels=1)
     finally:
         hf_logging.set_verbosity(level)
 
