@@ -59,9 +59,10 @@ class TrainConfig:
             raise ValueError(f"stop_at_step: must be in [1, max_steps={self.max_steps}], got {self.stop_at_step}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer: must be adamw or muon, got {self.optimizer!r}")
-        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
-            raise ValueError(f"muon_lr/muon_momentum: need muon_lr > 0 and 0 <= muon_momentum < 1, got "
-                             f"{self.muon_lr}, {self.muon_momentum}")
+        if self.muon_lr <= 0:
+            raise ValueError(f"muon_lr: must be > 0, got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
         if self.optimizer == "muon" and self.offload_optimizer:
             raise ValueError("offload_optimizer: not supported with optimizer=muon (DeepSpeed's offloaded Muon "
                              "path is untested here)")
