@@ -259,7 +259,7 @@ def run_baseline(train: list[str], val: list[str], budget_s: float, threads: int
             n_bytes += len(raw)
             todo: list[Window] = windows(raw, ord("\n"), block)
             for w in todo:
-                logits = model(torch.tensor([w.inputs]))[0]
+                logits = model(torch.tensor([w.inputs]))[0][:len(w.targets)]  # a text's last input has no target
                 nll += float(F.cross_entropy(logits, torch.tensor(w.targets), reduction="sum"))
     return {"bits_per_byte": round(nll / math.log(2) / n_bytes, 5), "iterations": iters, "train_s": round(elapsed, 1),
             "final_loss": round(float(loss), 4)}
