@@ -3,10 +3,13 @@
 Same model (the recipe's), same token data (random ids in the shard format), same global batch per optimizer
 step, same total threads (workers x cpus_per_worker for raylm; torch.set_num_threads(that) for the baseline),
 measured in the same run. Prints tokens/s (median over steady-state steps) and the ratio raylm / baseline for
-ZeRO-2 data parallel and for 2-stage pipeline parallel (ZeRO-1, untied embeddings).
+ZeRO-2 data parallel and for 2-stage pipeline parallel (ZeRO-1, untied embeddings), and on request for the
+scaling curve: 1 worker, ZeRO-1/2/3 on 2 workers, and 2 simulated nodes (``ray.cluster_utils.Cluster``, one
+1-CPU node per worker, STRICT_SPREAD).
 
     .venv/bin/python benchmarks/pretrain.py                 # tiny-cpu recipe, 30 steps each
     .venv/bin/python benchmarks/pretrain.py --steps 50 -c configs/tiny-cpu.yaml model.dim=256
+    .venv/bin/python benchmarks/pretrain.py --variants workers1,zero1,zero2,zero3,nodes2   # the scaling curve
 
 GPU MFU of a recipe through the same Ray Train path: ``benchmarks/pretrain_mfu.py``.
 """
@@ -84,14 +87,31 @@ def plain_torch_tokens_per_s(recipe, manifest: dict, shards: Path, steps: int, t
     return statistics.median(speeds)
 
 
-def raylm_tokens_per_s(recipe, manifest: dict, shards: Path, stage_dir: Path) -> tuple[float, float]:
-    from cluster.runtime import init_ray
+def raylm_tokens_per_s(recipe, manifest: dict, shards: Path, stage_dir: Path, nodes: int = 1) -> tuple[float, float]:
+    import ray
+
+    from cluster.runtime import init_ray, project_runtime_env
     from pipelines.train.engine import fit
 
-    init_ray(recipe.ray)
     task = pretrain_task(recipe.model, recipe.pretrain, manifest, shards, recipe.seed)
+    cluster = None
+    if nodes == 1:
+        init_ray(recipe.ray)
+    else:  # simulated nodes: a head with no CPUs and one raylet per worker, on this machine
+        from ray.cluster_utils import Cluster
+
+        ray.shutdown()  # the previous variant's cluster
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=recipe.pretrain.cpus_per_worker)
+        ray.init(address=cluster.address, runtime_env=project_runtime_env())
     t0 = time.perf_counter()
-    fit(task, recipe.pretrain, stage_dir, seed=recipe.seed, pipeline_stages=recipe.pretrain.pipeline_stages)
+    try:
+        fit(task, recipe.pretrain, stage_dir, seed=recipe.seed, pipeline_stages=recipe.pretrain.pipeline_stages)
+    finally:
+        if cluster is not None:
+            ray.shutdown()
+            cluster.shutdown()
     wall = time.perf_counter() - t0
     speeds = [r["tokens_per_s"] for r in read_metrics(stage_dir) if r["step"] > WARMUP_STEPS]
     return statistics.median(speeds), wall
@@ -101,23 +121,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default=None)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--variants", default="zero2,pipeline2", help="comma-separated: zero2, pipeline2")
+    parser.add_argument("--variants", default="zero2,pipeline2",
+                        help="comma-separated: zero2, pipeline2, workers1, zero1, zero3, nodes2")
     parser.add_argument("--repeats", type=int, default=1,
                         help="paired runs (baseline then raylm) per variant; the median ratio is the result. On a "
                              "shared 2-core VM one pair's ratio varied 0.79-1.06x (docs/pretrain.md)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = [f"pretrain.max_steps={args.steps}", "pretrain.warmup_steps=2", f"pretrain.eval_every={args.steps}",
-              f"pretrain.checkpoint_every={args.steps}", "pretrain.eval_batches=1", "pretrain.num_workers=2"]
+              f"pretrain.checkpoint_every={args.steps}", "pretrain.eval_batches=1"]
     # name -> (overrides, the baseline's micro-batch). The baseline takes the same global batch per step as raylm
     # in micro-batches of its own: 16 sequences at once for zero2 (8 per worker x 2 workers), 4 for pipeline2 (on
     # 2 threads 4 and 8 were its fastest splits, 2 and 16 slower), fixed so a raylm recipe change cannot weaken it.
-    variants = {"zero2": (["pretrain.zero_stage=2"], 16),
+    two = ["pretrain.num_workers=2"]
+    variants = {"zero2": (two + ["pretrain.zero_stage=2"], 16),
                 # A 2-stage pipeline idles each stage for about one micro-batch per step (fill and drain): 16
                 # micro-batches of 2 make that 1/17 of the step, where 4 of 4 made it 1/5. The global batch is
                 # 32 sequences (2 x 16), so the bubble is amortized over more work; the baseline takes 32 too.
-                "pipeline2": (["pretrain.zero_stage=1", "pretrain.pipeline_stages=2", "model.tie_embeddings=false",
-                               "pretrain.micro_batch_size=2", "pretrain.grad_accum=16"], 4)}
+                "pipeline2": (two + ["pretrain.zero_stage=1", "pretrain.pipeline_stages=2", "model.tie_embeddings=false",
+                               "pretrain.micro_batch_size=2", "pretrain.grad_accum=16"], 4),
+                # The scaling curve: the baseline gets as many threads as raylm's workers have CPUs in all.
+                "workers1": (["pretrain.num_workers=1", "pretrain.zero_stage=2"], 8),
+                "zero1": (two + ["pretrain.zero_stage=1"], 16),
+                "zero3": (two + ["pretrain.zero_stage=3"], 16),
+                "nodes2": (two + ["pretrain.zero_stage=2", "pretrain.placement_strategy=STRICT_SPREAD"], 16)}
     load_before = os.getloadavg()[0]  # before our own processes add to it
     chosen = [name for name in variants if name in args.variants.split(",")]
     with tempfile.TemporaryDirectory(prefix="raylm-bench-") as tmp:
@@ -136,7 +163,8 @@ def main() -> None:
             for name, (recipe, base_micro, shards, manifest) in prepared.items():
                 threads = recipe.pretrain.num_workers * recipe.pretrain.cpus_per_worker
                 base = plain_torch_tokens_per_s(recipe, manifest, shards, args.steps, threads, base_micro)
-                ours, wall = raylm_tokens_per_s(recipe, manifest, shards, Path(tmp) / name / f"pretrain-{repeat}")
+                ours, wall = raylm_tokens_per_s(recipe, manifest, shards, Path(tmp) / name / f"pretrain-{repeat}",
+                                                nodes=2 if name == "nodes2" else 1)
                 results[name]["runs"].append({"raylm_tokens_per_s": round(ours), "plain_torch_tokens_per_s": round(base),
                                               "ratio": round(ours / base, 3), "raylm_wall_s": round(wall, 1)})
                 print(f"{name} (run {repeat + 1}/{args.repeats}): raylm {ours:,.0f} tok/s vs plain PyTorch 1 process"

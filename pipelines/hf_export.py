@@ -1,7 +1,10 @@
-"""Export our ``Transformer`` as a Hugging Face Llama checkpoint directory, and load one back.
+"""Export our ``Transformer`` as a Hugging Face Llama (or Qwen3) checkpoint directory, and load one back.
 
 The maths of ``pipelines.model`` is HF Llama's (rotate-half RoPE, fp32 RMSNorm, SwiGLU, GQA), so conversion is
 a pure renaming of tensors: no permutation of q/k (that is only needed for Meta's interleaved-RoPE checkpoints).
+With ``model.qk_norm`` it is HF Qwen3's (Llama plus a per-head RMSNorm of q and k before RoPE, no sliding
+window); ``mlp_act: relu2`` is ``hidden_act="relu2"`` in either. ``logit_softcap`` has no equivalent in these
+classes: export refuses it rather than write a model that computes something else.
 
 An export directory holds ``config.json`` (``LlamaConfig``), ``model.safetensors``, ``generation_config.json``, the
 tokenizer files and the model card ``README.md`` (pipelines/model_card.py); ``AutoModelForCausalLM`` / ``AutoTokenizer`` (and vLLM) load it as is.
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
 
 from cluster.schemas.model import ModelConfig
 from cluster.storage import ObjectPath, local_copy, location, upload_dir
@@ -40,6 +43,8 @@ _BLOCK_NAMES = {
     "mlp.w_gate.weight": "mlp.gate_proj.weight",
     "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",  # qk_norm only (Qwen3)
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
 }
 _TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "head.norm.weight": "model.norm.weight",
               "head.output.weight": "lm_head.weight"}
@@ -47,8 +52,25 @@ _OURS_BLOCK = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+def check_exportable(cfg: ModelConfig, key_prefix: str = "model.") -> None:
+    """Raise ``ValueError`` naming the option when no transformers class computes what ``cfg`` describes."""
+    if cfg.logit_softcap:
+        raise ValueError(f"{key_prefix}logit_softcap: {cfg.logit_softcap} has no Hugging Face Llama/Qwen3 "
+                         "equivalent (a final-logit soft-cap), so this model cannot be exported; set it to 0")
+
+
 def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int | None,
-              pad_id: int | None) -> LlamaConfig:
+              pad_id: int | None) -> LlamaConfig | Qwen3Config:
+    check_exportable(cfg)
+    if cfg.qk_norm:
+        return Qwen3Config(
+            vocab_size=vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+            head_dim=cfg.dim // cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std, hidden_act=cfg.mlp_act,
+            attention_bias=False, use_sliding_window=False, bos_token_id=bos_id, eos_token_id=eos_id,
+            pad_token_id=pad_id)
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.dim,
@@ -62,7 +84,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int
         rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         initializer_range=cfg.init_std,
-        hidden_act="silu",
+        hidden_act=cfg.mlp_act,
         attention_bias=False,
         mlp_bias=False,
         bos_token_id=bos_id,
@@ -71,11 +93,14 @@ def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int
     )
 
 
-def model_config_from_hf(config: LlamaConfig, source: str = "config.json") -> ModelConfig:
-    """The inverse of ``hf_config``; refuses Llama variants our model does not implement."""
+def model_config_from_hf(config: LlamaConfig | Qwen3Config, source: str = "config.json") -> ModelConfig:
+    """The inverse of ``hf_config``; refuses Llama/Qwen3 variants our model does not implement."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
+    if config.model_type not in ("llama", "qwen3"):
+        raise ValueError(f"{source}: model_type: {config.model_type!r} is not supported (llama or qwen3)")
     unsupported = {
-        "hidden_act": config.hidden_act != "silu",
+        "hidden_act": config.hidden_act not in ("silu", "relu2"),
+        "use_sliding_window": bool(getattr(config, "use_sliding_window", False)),
         "attention_bias": bool(config.attention_bias),
         "mlp_bias": bool(getattr(config, "mlp_bias", False)),
         "rope_parameters.rope_type": rope.get("rope_type", "default") != "default",
@@ -89,7 +114,7 @@ def model_config_from_hf(config: LlamaConfig, source: str = "config.json") -> Mo
         n_kv_heads=config.num_key_value_heads, ffn_dim=config.intermediate_size,
         max_seq_len=config.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 10000.0)),
         norm_eps=config.rms_norm_eps, tie_embeddings=bool(config.tie_word_embeddings),
-        init_std=config.initializer_range)
+        init_std=config.initializer_range, qk_norm=config.model_type == "qwen3", mlp_act=config.hidden_act)
 
 
 def _rename(name: str, block_re: re.Pattern, block_prefix: str, block_map: dict, top_map: dict) -> str:
@@ -157,8 +182,10 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
 def export_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int,
               tokenizer_dir: str | Path | ObjectPath, out_dir: str | Path | ObjectPath,
               card: CardInfo | None = None) -> Path | ObjectPath:
-    """Write an HF Llama directory (config, safetensors weights, generation config, tokenizer, model card when
-    ``card`` says what the model is) atomically; either directory may be on object storage (``cluster.storage``)."""
+    """Write an HF Llama/Qwen3 directory (config, safetensors weights, generation config, tokenizer, model card
+    when ``card`` says what the model is) atomically; either directory may be on object storage
+    (``cluster.storage``)."""
+    check_exportable(cfg)
     if not (location(tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (train one with pipelines.tokenizer)")
     out_dir = location(out_dir)
@@ -210,13 +237,13 @@ class HFExporter:
 
 
 def load_hf_model(model_dir: str | Path) -> tuple[Transformer, ModelConfig, int]:
-    """Our ``Transformer`` (fp32, eval mode) from an HF Llama directory written by ``export_hf`` (or any plain
-    Llama checkpoint in one safetensors file)."""
+    """Our ``Transformer`` (fp32, eval mode) from an HF Llama/Qwen3 directory written by ``export_hf`` (or any
+    plain Llama checkpoint in one safetensors file)."""
     model_dir = Path(model_dir)
     for name in ("config.json", "model.safetensors"):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name}: missing (not an HF model directory)")
-    config = LlamaConfig.from_pretrained(str(model_dir))
+    config = AutoConfig.from_pretrained(str(model_dir))
     cfg = model_config_from_hf(config, str(model_dir / "config.json"))
     model = Transformer(cfg, config.vocab_size)
     state = from_hf_state_dict(load_file(str(model_dir / "model.safetensors")))

@@ -3,6 +3,9 @@
 Architecture (identical maths to HF ``LlamaForCausalLM``, so ``pipelines.hf_export`` is a pure renaming):
 token embedding -> n x [RMSNorm -> grouped-query attention with RoPE -> residual;
 RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (optionally tied to the embedding).
+Options (``ModelConfig``): ``qk_norm`` (per-head RMSNorm of q and k before RoPE: HF ``Qwen3ForCausalLM``),
+``mlp_act: relu2`` (squared ReLU in the gated MLP: HF ``hidden_act="relu2"``), ``logit_softcap`` (no HF
+equivalent: such a model trains but does not export).
 
 ``Transformer.as_layers()`` returns ``[EmbeddingLayer, Block_0 .. Block_{n-1}, HeadLayer]``; each maps ONE tensor
 to ONE tensor (tokens -> hidden -> ... -> logits) and owns everything it needs (each block builds its own RoPE
@@ -67,11 +70,16 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # one weight of [Dh] shared by all heads, as in Qwen3
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
+        q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # [B, K, T, Dh]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Query head h uses kv head h // (H/K). Expanding explicitly (instead of SDPA's enable_gqa) keeps every
@@ -82,17 +90,22 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, D]
 
 
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(act(gate(x)) * up(x)); act is silu (SwiGLU) or squared ReLU (``mlp_act``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.act = F.silu if cfg.mlp_act == "silu" else relu2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))  # [B, T, D] -> [B, T, F] -> [B, T, D]
+        return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))  # [B, T, D] -> [B, T, F] -> [B, T, D]
 
 
 class Block(nn.Module):
@@ -130,11 +143,15 @@ class HeadLayer(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
+        self.softcap = cfg.logit_softcap
         if tied_embedding is not None:
             self.output.weight = tied_embedding.weight
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))
+        logits = self.output(self.norm(h))
+        if self.softcap:  # bounds the logits smoothly: no single token's logit runs away early in training
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
 
 
 class Transformer(nn.Module):

@@ -34,6 +34,10 @@ def test_dotted_override_sets_nested_key():
     ("serve.autoscaling.min_replicas=5", "serve.autoscaling.min_replicas"),
     ("pretrain.pipeline_stages=2", "pretrain.pipeline_stages"),  # with zero_stage=2: DeepSpeed refuses
     ("ppo.policy.replicas=0", "ppo.policy.replicas"),
+    ("pretrain.optimizer=sgd", "pretrain.optimizer"),
+    ("pretrain.muon_lr=0", "pretrain.muon_lr"),
+    ("model.mlp_act=gelu", "model.mlp_act"),
+    ("model.logit_softcap=-1", "model.logit_softcap"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

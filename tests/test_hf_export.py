@@ -34,14 +34,47 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+# Every model option that exports: (options, the transformers class it must load as).
+VARIANTS = {
+    "tied": ({"tie_embeddings": True}, "LlamaForCausalLM"),
+    "untied": ({"tie_embeddings": False}, "LlamaForCausalLM"),
+    "qk_norm": ({"qk_norm": True}, "Qwen3ForCausalLM"),
+    "relu2": ({"mlp_act": "relu2"}, "LlamaForCausalLM"),
+    "qk_norm-relu2-untied": ({"qk_norm": True, "mlp_act": "relu2", "tie_embeddings": False}, "Qwen3ForCausalLM"),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def exported(request, tokenizer_dir, tmp_path_factory):
-    cfg = ModelConfig(**BASE, tie_embeddings=request.param)
+    options = VARIANTS[request.param][0]
+    cfg = ModelConfig(**BASE, **options)
     vocab = 320  # padded past the tokenizer's size, as a training run may do
     model = build_model(cfg, vocab, seed=3).eval()
+    with torch.no_grad():  # norms start at ones: random ones make a swapped or dropped norm weight show
+        gen = torch.Generator().manual_seed(4)
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
     out = tmp_path_factory.mktemp("export") / "hf"
     export_hf(model.state_dict(), cfg, vocab, tokenizer_dir, out)
     return model, cfg, vocab, out
+
+
+def test_each_option_loads_as_its_transformers_class(exported, request):
+    _, _, _, out = exported
+    expected = VARIANTS[request.node.callspec.params["exported"]][1]
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == expected
+
+
+def test_logit_softcap_refuses_to_export(tokenizer_dir, tmp_path):
+    # No Llama/Qwen3 class soft-caps logits: exporting would write a model that computes something else.
+    cfg = ModelConfig(**BASE, logit_softcap=30.0)
+    model = build_model(cfg, 320, seed=0)
+    with pytest.raises(ValueError, match="model.logit_softcap"):
+        export_hf(model.state_dict(), cfg, 320, tokenizer_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    logits = model(torch.randint(0, 320, (1, 8)))
+    assert logits.abs().max() <= 30.0  # the option itself works in training
 
 
 def test_export_writes_an_hf_directory(exported):
@@ -130,3 +163,15 @@ def test_errors_name_the_problem(tokenizer_dir, tmp_path):
     variant.attention_bias = True
     with pytest.raises(ValueError, match="attention_bias"):
         model_config_from_hf(variant)
+
+
+def test_a_qk_norm_export_starts_a_reward_model_of_its_own_family(tokenizer_dir, tmp_path):
+    # The reward stage starts from the pretrained LM: a Qwen3 export must keep its q/k norms there.
+    from pipelines.reward.model import init_reward_model
+
+    cfg = ModelConfig(**BASE, qk_norm=True)
+    model = build_model(cfg, 320, seed=0)
+    export_hf(model.state_dict(), cfg, 320, tokenizer_dir, tmp_path / "hf")
+    reward = init_reward_model(tmp_path / "hf")
+    assert type(reward).__name__ == "Qwen3ForSequenceClassification"
+    assert torch.equal(reward.model.layers[0].self_attn.q_norm.weight, model.layers[0].attn.q_norm.weight)

@@ -98,3 +98,37 @@ def test_offload_runs_torch_adamw_without_a_native_build(one_rank_group, overrid
         assert engine.optimizer.cpu_offload
     assert type(engine.optimizer.optimizer) is torch.optim.AdamW  # not DeepSpeedCPUAdam
     assert losses == pytest.approx(reference, rel=1e-5)
+
+
+def train_through_loop(*overrides: str, steps: int = 4):
+    """As ``train``, through the loop's ``train_step`` (which keeps DeepSpeed's Muon kernels eager)."""
+    from pipelines.train.loop import train_step
+
+    recipe = load_recipe(None, TINY + list(overrides))
+    task = TrainTask(build_model=functools.partial(build_model, recipe.model, VOCAB, 0), loss_fn=lm_step_loss,
+                     batches=None)
+    torch.manual_seed(0)
+    engine = build_engine(task, recipe.pretrain, world_size=1, pipeline_stages=1)
+    gen = torch.Generator().manual_seed(0)
+    stream = iter([(t[:, :-1], t[:, 1:]) for t in (torch.randint(0, VOCAB, (4, 64), generator=gen)
+                                                   for _ in range(steps))])
+    return engine, [train_step(engine, task, stream, recipe.pretrain, pipeline=False) for _ in range(steps)]
+
+
+def test_muon_trains_the_same_under_every_zero_stage(one_rank_group):
+    # DeepSpeed's MuonWithAuxAdam: ZeRO-1/2/3 orthogonalize each block matrix's full gradient before
+    # partitioning it, ZeRO-0 in the optimizer's step; all four must take the same steps.
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    runs = {stage: train_through_loop("pretrain.optimizer=muon", f"pretrain.zero_stage={stage}")
+            for stage in (0, 1, 2, 3)}
+    engine, reference = runs[0]
+    assert isinstance(engine.optimizer, MuonWithAuxAdam)
+    muon = {name for name, p in engine.module.named_parameters() if p.use_muon}
+    assert muon and all(name.startswith("layers.") and "norm" not in name for name in muon)
+    assert not {"embed.weight", "head.norm.weight"} & muon
+    assert reference[-1] < reference[0]
+    for stage, (_, losses) in runs.items():
+        assert losses == pytest.approx(reference, rel=1e-4), f"zero_stage={stage}"
+    _, adamw = train_through_loop("pretrain.zero_stage=2")
+    assert adamw != pytest.approx(reference, rel=1e-4)  # the optimizer option took effect

@@ -19,8 +19,13 @@ class TrainConfig:
     micro_batch_size: int = 4
     grad_accum: int = 1
     max_steps: int = 100
+    # adamw: torch AdamW for every parameter. muon: Muon (momentum orthogonalized by Newton-Schulz) for the
+    # transformer blocks' matrices at muon_lr, AdamW at lr for embeddings, LM head and norms (modded-nanogpt).
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-3
-    min_lr: float = 3e-4
+    min_lr: float = 3e-4  # the schedule scales every group alike: Muon ends at muon_lr * min_lr / lr
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     warmup_steps: int = 10
     weight_decay: float = 0.1
     betas: list[float] | None = None
@@ -52,6 +57,15 @@ class TrainConfig:
             raise ValueError(f"warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
             raise ValueError(f"stop_at_step: must be in [1, max_steps={self.max_steps}], got {self.stop_at_step}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer: must be adamw or muon, got {self.optimizer!r}")
+        if self.muon_lr <= 0:
+            raise ValueError(f"muon_lr: must be > 0, got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
+        if self.optimizer == "muon" and self.offload_optimizer:
+            raise ValueError("offload_optimizer: not supported with optimizer=muon (DeepSpeed's offloaded Muon "
+                             "path is untested here)")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr: must be <= lr ({self.lr}), got {self.min_lr}")
 

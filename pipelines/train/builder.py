@@ -20,6 +20,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def muon_optimizer(model: torch.nn.Module, cfg: TrainConfig, betas: tuple[float, float]):
+    """DeepSpeed's ``MuonWithAuxAdam``: Muon for the matrices inside transformer blocks, torch AdamW for the rest
+    (embedding, LM head or value head, norms), as in modded-nanogpt.
+
+    DeepSpeed's class rather than ``torch.optim.Muon``: ZeRO-1/2/3 hand the optimizer flat 1-D partitions, and
+    only for this class do they orthogonalize each matrix's full gradient before partitioning (it reads
+    ``param.use_muon``, set here). Built by us, not from a config ``{"type": "Muon"}``: DeepSpeed's own tagging
+    sends every 2-D weight not named "embed"/"lm_head" to Muon (our head is ``head.output``), and its
+    auxiliary Adam would be FusedAdam, a native op compiled for minutes on CPU."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    from pipelines.model import Block
+
+    in_blocks = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters() if p.dim() == 2}
+    if not in_blocks:
+        raise ValueError("optimizer: muon needs a model built of pipelines.model.Block layers")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.use_muon = id(p) in in_blocks
+    return MuonWithAuxAdam(
+        [{"params": [p for p in params if p.use_muon], "use_muon": True, "lr": cfg.muon_lr,
+          "momentum": cfg.muon_momentum, "weight_decay": cfg.weight_decay},
+         *[{**group, "params": [p for p in group["params"] if not p.use_muon], "use_muon": False, "lr": cfg.lr,
+            "betas": betas, "eps": 1e-8} for group in param_groups(model, cfg.weight_decay)]],
+        adam_optimizer=torch.optim.AdamW)
+
+
 def cost_balanced_pipeline(layers: list[torch.nn.Module], costs: list[float] | None, **kwargs):
     """A DeepSpeed ``PipelineModule`` whose stages balance ``costs`` (per layer) rather than parameter counts.
 
@@ -44,16 +71,19 @@ def cost_balanced_pipeline(layers: list[torch.nn.Module], costs: list[float] | N
 
 
 def initialize(model: torch.nn.Module, ds_config: dict, *, lr: float, betas: tuple[float, float] = (0.9, 0.95),
-               weight_decay: float = 0.0, on_gpu: bool = False, schedule=None):
+               weight_decay: float = 0.0, on_gpu: bool = False, schedule=None, optimizer=None):
     """A DeepSpeed engine over ``model`` with torch AdamW as the client optimizer (a DeepSpeed config optimizer
-    would JIT-compile FusedAdam: minutes on CPU); ``schedule(optimizer)`` makes the LR scheduler (None: a
-    constant LR). The one place engines are made: the training stages (``build_engine``) and the PPO roles."""
+    would JIT-compile FusedAdam: minutes on CPU), or ``optimizer`` when given (Muon); ``schedule(optimizer)``
+    makes the LR scheduler (None: a constant LR). The one place engines are made: the training stages
+    (``build_engine``) and the PPO roles."""
     import deepspeed
 
     # On GPUs the fused AdamW kernel: one pass over the fp32 master weights where the default (foreach) makes
     # several (+1.6 MFU points on the 125M recipe at 32 x 2 on an H100, docs/pretrain.md). CPU runs keep the
     # default, which the bitwise resume tests pin.
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True if on_gpu else None)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
+                                      fused=True if on_gpu else None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=schedule(optimizer) if schedule is not None else None)
     return engine
@@ -72,9 +102,11 @@ def build_engine(task: TrainTask, cfg: TrainConfig, world_size: int, pipeline_st
                                        num_stages=pipeline_stages, loss_fn=task.pipeline_loss,
                                        activation_checkpoint_interval=int(cfg.activation_checkpointing),
                                        activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False))
-    engine = initialize(model, build_ds_config(cfg, world_size, pipeline_stages), lr=cfg.lr,
-                        betas=tuple(cfg.betas) if cfg.betas else (0.9, 0.95), weight_decay=cfg.weight_decay,
-                        on_gpu=cfg.gpus_per_worker > 0, schedule=functools.partial(warmup_cosine, cfg=cfg))
+    betas = tuple(cfg.betas) if cfg.betas else (0.9, 0.95)
+    engine = initialize(model, build_ds_config(cfg, world_size, pipeline_stages), lr=cfg.lr, betas=betas,
+                        weight_decay=cfg.weight_decay, on_gpu=cfg.gpus_per_worker > 0,
+                        schedule=functools.partial(warmup_cosine, cfg=cfg),
+                        optimizer=muon_optimizer(model, cfg, betas) if cfg.optimizer == "muon" else None)
     if cfg.compile:
         # DeepSpeed's compile (not torch.compile(model) before initialize): it compiles the wrapped module in
         # place (nn.Module.compile), so parameter names, checkpoints and exports are unchanged, and ZeRO-3's

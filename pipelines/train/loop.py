@@ -52,6 +52,17 @@ def train_step(engine, task: TrainTask, stream: BatchStream, cfg: TrainConfig, p
                ) -> tuple[float, dict[str, float]]:
     """One optimizer step (``grad_accum`` micro-batches); returns the mean loss over all ranks and the mean of
     the loss function's extra metrics (e.g. DPO's accuracy and margin), over micro-batches and ranks."""
+    if cfg.compile:
+        return _train_step(engine, task, stream, cfg, pipeline)
+    # compile: false means nothing is compiled. DeepSpeed's Muon kernels are torch.compile'd functions, run in
+    # ZeRO's backward (gradient partitioning) and step: on this 2-core CPU compiling them took 120-175 s at the
+    # first step, against ~0.1 s per step eager for the test model.
+    with torch.compiler.set_stance("force_eager"):
+        return _train_step(engine, task, stream, cfg, pipeline)
+
+
+def _train_step(engine, task: TrainTask, stream: BatchStream, cfg: TrainConfig, pipeline: bool
+                ) -> tuple[float, dict[str, float]]:
     if pipeline:
         # PipelineEngine pulls grad_accum micro-batches itself and returns the loss averaged over data ranks.
         return float(engine.train_batch(data_iter=stream)), {}
