@@ -167,7 +167,7 @@ def test_errors_name_the_problem(tokenizer_dir, tmp_path):
 
 def test_a_qk_norm_export_starts_a_reward_model_of_its_own_family(tokenizer_dir, tmp_path):
     # The reward stage starts from the pretrained LM: a Qwen3 export must keep its q/k norms there.
-    from pipelines.reward.model import init_reward_model
+    from pipelines.hf_models import init_reward_model
 
     cfg = ModelConfig(**BASE, qk_norm=True)
     model = build_model(cfg, 320, seed=0)
