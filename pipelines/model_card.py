@@ -13,7 +13,7 @@ from pathlib import Path
 CARD = "README.md"
 # the training stages behind each exported model, from scratch
 STAGE_CHAIN = {"pretrain": ("pretrain",), "sft": ("pretrain", "sft"), "reward": ("pretrain", "sft", "reward"),
-               "ppo": ("pretrain", "sft", "ppo")}
+               "ppo": ("pretrain", "sft", "ppo"), "dpo": ("pretrain", "sft", "dpo")}
 PARENT = {"sft": "pretrain", "reward": "sft", "ppo": "sft", "dpo": "sft"}
 BUILTIN_DATA = {"pretrain": "raylm-builtin: the documentation of the installed Python packages",
                 "sft": "raylm-builtin: docstring Q/A chats (pipelines/chat/builtin_qa.py)",

@@ -156,8 +156,9 @@ def test_run_from_own_model_sft_reward_ppo_serve(ray_cluster, foreign, tmp_path,
                       "--no-block", f"serve.port={port}", f"ppo.algorithm={algorithm}", "ppo.group_size=2",
                       *CHEAP]) == 0
         err = capsys.readouterr().err
-        for i, stage in enumerate(["sft", "reward", "ppo", "serve"], start=1):
-            assert f"[{i}/4] {stage}: done in" in err
+        stages = ["sft", "reward", "ppo", "report", "serve"]  # no data, pretrain; no eval without eval.text
+        for i, stage in enumerate(stages, start=1):
+            assert f"[{i}/{len(stages)}] {stage}: done in" in err
         assert not (run_dir / "data").exists() and not (run_dir / "pretrain").exists()
         want = AutoConfig.from_pretrained(foreign[arch]).model_type
         for stage in ("sft", "reward", "ppo"):
