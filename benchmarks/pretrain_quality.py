@@ -175,7 +175,7 @@ def run_raylm_local(recipe, shards: Path, manifest: dict, out_dir: Path, val: li
     train_s, loss, cpu0 = 0.0, float("nan"), time.process_time()
     for step in range(1, one.max_steps + 1):
         t0 = time.perf_counter()
-        loss = train_step(engine, task, stream, one, pipeline=False)
+        loss, _ = train_step(engine, task, stream, one, pipeline=False)
         train_s += time.perf_counter() - t0
         if step % 50 == 0:
             print(f"  raylm (local) step {step}: loss {loss:.3f}, {train_s:.0f}s", flush=True)
