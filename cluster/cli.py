@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from cluster.commands import STAGE_ENTRYPOINTS, build_parser, default_stages
@@ -137,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = RunDir.create(args.run_dir or Path("runs") / recipe.name, stages)
         saved = save_resolved(recipe, run_dir.root)
         log.info("recipe %s -> resolved config %s", recipe.name, saved)
-        ray_log = route_ray_logs(run_dir.root / "logs")  # before any stage imports Ray Data
+        # Ray's log files are local files: an object-store run dir keeps them in a local folder named after it
+        logs = (run_dir.root / "logs" if isinstance(run_dir.root, Path)
+                else Path(tempfile.gettempdir()) / "raylm-logs" / run_dir.root.name)
+        ray_log = route_ray_logs(logs)  # before any stage imports Ray Data
         if ray_log:
-            log.info("Ray's own logs -> %s (--ray-logs shows them here)", run_dir.root / "logs")
+            log.info("Ray's own logs -> %s (--ray-logs shows them here)", logs)
         ctx = StageContext(recipe=recipe, run_dir=run_dir, address=args.address,
                            options={"block": not getattr(args, "no_block", False), "stages": stages})
         for stage in stages:
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             check_reusable(ctx.run_dir.root, recipe, stage)  # again in run_stages, after the stages before it
         init_ray(recipe.ray, args.address)
         if ray_log:
-            link_worker_logs(run_dir.root / "logs")
+            link_worker_logs(logs)
         run_stages(ctx, stages)
         return 0
     except ConfigError as exc:

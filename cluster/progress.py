@@ -129,7 +129,8 @@ class StageProgress:
         self.stream = stream or sys.stderr
         self.terminal = self.stream.isatty() if terminal is None else terminal
         self.interval = float(os.environ.get(INTERVAL_ENV, "30")) if interval is None else interval
-        self.tail = MetricsTail(metrics) if metrics else None
+        # an object-store run dir's metrics are uploaded in whole files now and then: no tail, a heartbeat line
+        self.tail = MetricsTail(metrics) if isinstance(metrics, (str, os.PathLike)) else None
         self.step: int | None = None
         self.first: tuple[float, int] | None = None  # (time, step) of the first record seen: the rate's origin
         self.last_at = 0.0

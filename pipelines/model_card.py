@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.storage import location
+
 CARD = "README.md"
 # the training stages behind each exported model, from scratch
 STAGE_CHAIN = {"pretrain": ("pretrain",), "sft": ("pretrain", "sft"), "reward": ("pretrain", "sft", "reward"),
@@ -40,7 +42,7 @@ class CardInfo:
 
 def card_info(recipe, run_dir: str | Path, stage: str, results: dict | None = None) -> CardInfo:
     """What a stage's export says about itself, from the resolved recipe (and eval/results.json when given)."""
-    run = Path(run_dir)
+    run = location(run_dir)  # a path, or an object-store URI (cluster.storage)
     given = {"pretrain": list(recipe.data.input), "sft": [recipe.sft.data] if recipe.sft.data else [],
              "reward": [recipe.reward.data] if recipe.reward.data else [],
              "ppo": [recipe.ppo.prompts] if recipe.ppo.prompts else [],
