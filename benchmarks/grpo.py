@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.ppo import setup_trl_env
+from benchmarks.ppo import run_trl_worker, setup_trl_env
 
 TRL_VERSION = "1.16.0"  # the current TRL release when this benchmark was written (2026-12-03)
 DEFAULT_TRL_ENV = Path.home() / ".cache" / "raylm" / "trl-grpo-venv"
@@ -165,12 +164,7 @@ def run_trl(args, policy: Path, questions: list[str], work: Path, threads: int) 
            "--group-size", str(args.group_size), "--micro-batch", str(args.micro_batch), "--response-len",
            str(args.response_len), "--iterations", str(args.iterations), "--beta", str(args.beta),
            "--threads", str(threads)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-    lines = [x for x in out.stdout.splitlines() if x.startswith("TRL_RESULT ")]
-    if out.returncode or not lines:
-        raise SystemExit(f"TRL run failed ({out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1].split(" ", 1)[1])
+    return run_trl_worker(cmd, {"PYTHONPATH": str(ROOT)})
 
 
 def main() -> None:

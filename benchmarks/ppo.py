@@ -138,7 +138,13 @@ def run_trl(args, policy: Path, reward: Path, prompts: list[list[int]], work: Pa
     cmd = [str(python), __file__, "--trl-worker", str(work), "--policy", str(policy), "--reward", str(reward),
            "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--response-len",
            str(args.response_len), "--iterations", str(args.iterations), "--threads", str(threads)]
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return run_trl_worker(cmd)
+
+
+def run_trl_worker(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run a TRL worker (in TRL's own venv) and return the JSON of its last ``TRL_RESULT`` line."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     lines = [x for x in out.stdout.splitlines() if x.startswith("TRL_RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"TRL run failed ({out.returncode}):\n{out.stderr[-4000:]}")
