@@ -131,10 +131,18 @@ def assert_hf_parity(model_dir: Path, reference_state: dict | None = None) -> No
 
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, tmp_path_factory, data_dir):
-    """ZeRO-2, 6 steps straight through."""
+    """ZeRO-2, 6 steps straight through, with the recipe's optimizer (Muon for the blocks, AdamW for the rest)."""
     run = new_run(tmp_path_factory.mktemp("ref"), data_dir, "run")
     summary = pretrain(run, "pretrain.zero_stage=2")
     return run, summary
+
+
+@pytest.fixture(scope="module")
+def adamw_reference_run(ray_cluster, tmp_path_factory, data_dir):
+    """The same with AdamW for every parameter: what the offload modes run (Muon refuses optimizer offload)."""
+    run = new_run(tmp_path_factory.mktemp("ref-adamw"), data_dir, "run")
+    pretrain(run, "pretrain.zero_stage=2", "pretrain.optimizer=adamw")
+    return run
 
 
 def test_zero2_run_reports_metrics_checkpoints_and_exports(reference_run):
@@ -145,7 +153,8 @@ def test_zero2_run_reports_metrics_checkpoints_and_exports(reference_run):
         assert all(key in r for r in records), key
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [3, 6] and evals[-1]["val_loss"] < evals[0]["val_loss"]
-    assert records[0]["lr"] == pytest.approx(0.0015)  # warmup: step 1 of 2
+    assert records[0]["lr"] == pytest.approx(0.0015)  # warmup: step 1 of 2, AdamW's rate
+    assert records[0]["muon_lr"] == pytest.approx(0.005)  # tiny-cpu's Muon rate 0.01, the same warm-up
     assert records[-1]["loss"] < records[0]["loss"]
     assert summary["steps"] == 6 and summary["val_loss"] == pytest.approx(evals[-1]["val_loss"], abs=1e-4)
     assert len(checkpoints(run)) == 2  # keep_checkpoints
@@ -209,13 +218,13 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(reference_run, tmp_
 
 
 @pytest.mark.parametrize("offload", [
-    ("pretrain.zero_stage=2", "pretrain.offload_optimizer=true"),
-    ("pretrain.zero_stage=3", "pretrain.offload_optimizer=true", "pretrain.offload_params=true"),
+    ("pretrain.zero_stage=2", "pretrain.offload_optimizer=true", "pretrain.optimizer=adamw"),
+    ("pretrain.zero_stage=3", "pretrain.offload_optimizer=true", "pretrain.offload_params=true", "pretrain.optimizer=adamw"),
 ], ids=["zero2-offload-optimizer", "zero3-offload-params-and-optimizer"])
-def test_offloaded_runs_train_like_the_reference_and_export(reference_run, tmp_path, data_dir, offload):
+def test_offloaded_runs_train_like_the_reference_and_export(adamw_reference_run, tmp_path, data_dir, offload):
     # torch AdamW steps the CPU copies (zero_force_ds_cpu_optimizer: false): no cpu_adam compile. Offload moves
-    # state, not math, so the losses follow the ZeRO-2 reference run's to float rounding.
-    ref, _ = reference_run
+    # state, not math, so the losses follow the ZeRO-2 AdamW run's to float rounding.
+    ref = adamw_reference_run
     run = new_run(tmp_path, data_dir, "offload")
     summary = pretrain(run, *offload)
     assert summary["steps"] == 6

@@ -146,12 +146,14 @@ def train_worker(config: dict[str, Any]) -> None:
     peak_total = peak * world if peak else None
     end = cfg.stop_at_step or cfg.max_steps
     while position.step < end:
-        t0, tokens0, lr = time.perf_counter(), stream.tokens, engine.get_lr()[0]  # lr of this step
+        # This step's rates: "lr" is AdamW's (with Muon the last groups; builder.muon_optimizer puts Muon's first).
+        t0, tokens0, lrs = time.perf_counter(), stream.tokens, engine.get_lr()
         loss, extras = train_step(engine, task, stream, cfg, pipeline)
         seconds = time.perf_counter() - t0
         position = Position(position.step + 1, stream.epoch, stream.index)
         tokens_per_s = (stream.tokens - tokens0) * dp_world / seconds
-        record = {"step": position.step, "loss": loss, "lr": lr, "epoch": stream.epoch,
+        record = {"step": position.step, "loss": loss, "lr": lrs[-1], "epoch": stream.epoch,
+                  "muon_lr": lrs[0] if cfg.optimizer == "muon" else None,
                   "grad_norm": _grad_norm(engine), "tokens_per_s": tokens_per_s, "step_s": seconds,
                   "mfu": mfu(task.flops_per_token, tokens_per_s, peak_total), **extras}
         last = position.step == end
