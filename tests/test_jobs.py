@@ -121,6 +121,12 @@ def test_command_is_checked_before_submitting(tmp_path):
     # the default run dir is pinned to where it would be locally (the job's cwd is a temporary copy)
     assert prepare_command(["raylm", "data"], cwd=tmp_path)[:3] == ["data", "--run-dir",
                                                                      str(tmp_path / "runs" / "tiny-cpu")]
+    # report's positional RUN_DIR is the run dir (not pinned a second time); eval's --text and --tokenizer are paths
+    assert prepare_command(["report", "runs/a"], cwd=tmp_path) == ["report", str(tmp_path / "runs" / "a")]
+    out = prepare_command(["eval", "--run-dir", "r", "--endpoint", "http://h:8000/v1", "--text", "held.txt",
+                           "--tokenizer=tok", "--model", "raylm"], cwd=tmp_path)
+    assert out == ["eval", "--run-dir", str(tmp_path / "r"), "--endpoint", "http://h:8000/v1", "--text",
+                   str(tmp_path / "held.txt"), f"--tokenizer={tmp_path / 'tok'}", "--model", str(tmp_path / "raylm")]
     assert build_entrypoint("/v/python", ["data", "--input", "a b"]) == "/v/python -m cluster.cli data --input 'a b'"
 
 
