@@ -429,3 +429,27 @@ def test_data_stage_runs_as_a_job(head, tmp_path):
     assert "SUCCEEDED" in res.stderr
     assert (run_dir / "config.yaml").is_file()
     assert any((run_dir / "data").rglob("*.parquet")), sorted(p.name for p in (run_dir / "data").rglob("*"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ppo_with_a_reward_function_file_runs_as_a_job(head, tmp_path):
+    """A reward function named by its file travels with the job (the checkout's zip) and scores on the cluster."""
+    import json
+
+    from alignment_fixtures import build_causal_lm
+
+    from cluster.rundir import read_metrics
+
+    run_dir = tmp_path / "run"
+    build_causal_lm(run_dir / "sft" / "model")  # no reward model: the function is the reward
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?"}) + "\n" for a, b in ((1, 2), (3, 4))))
+    res = _raylm(["submit", "--address", head["address"], "--", "ppo", "--run-dir", str(run_dir), "--data",
+                  str(prompts), "ppo.algorithm=grpo", "ppo.group_size=2", "ppo.rollout_batch_size=4",
+                  "ppo.micro_batch_size=4", "ppo.max_new_tokens=4", "ppo.iterations=1", "ppo.use_reward_model=false",
+                  "ppo.reward_functions=[pipelines/tasks/arithmetic.py:correct]"], head["token"], timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+    (step,) = [m for m in read_metrics(run_dir / "ppo") if "reward_mean" in m]
+    assert 0 <= step["reward/arithmetic:correct"] <= 1 and step["reward_fn_errors"] == 0
+    assert (run_dir / "ppo" / "model" / "config.json").is_file()
