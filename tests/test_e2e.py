@@ -82,6 +82,9 @@ def test_raylm_run_with_dpo_alignment_then_chat(ray_cluster, tmp_path, capsys):
         assert 0 <= heldout["val_accuracy"] <= 1 and heldout["val_pairs"] > 0
         assert [m["name"] for m in json.loads((run_dir / "eval" / "results.json").read_text())["models"]] == [
             "pretrain", "sft", "dpo"]
+        md = (run_dir / "report" / "report.md").read_text()
+        assert "Training: dpo" in md and "Training: ppo" not in md and "| dpo | OK |" in md
+        assert 'id="plot-dpo"' in (run_dir / "report" / "report.html").read_text()
         assert raylm(["lineage", str(run_dir / "dpo" / "model")]) == 0  # dpo -> sft -> pretrain -> data
         assert "data: OK" in capsys.readouterr().out
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
