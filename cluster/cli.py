@@ -146,16 +146,21 @@ def main(argv: list[str] | None = None) -> int:
             log.info("Ray's own logs -> %s (--ray-logs shows them here)", logs)
         ctx = StageContext(recipe=recipe, run_dir=run_dir, address=args.address,
                            options={"block": not getattr(args, "no_block", False), "stages": stages})
+        ray_needed = False
         for stage in stages:
             entrypoint = resolve_entrypoint(stage)  # a stage that is not built fails here, before Ray starts
-            preflight = getattr(sys.modules[entrypoint.__module__], "preflight", None)
+            module = sys.modules[entrypoint.__module__]
+            preflight = getattr(module, "preflight", None)
             if preflight is not None:
                 preflight(ctx)  # a stage's own inputs (files, names) are checked before any stage runs
             from pipelines.lineage import check_reusable
             check_reusable(ctx.run_dir.root, recipe, stage)  # again in run_stages, after the stages before it
-        init_ray(recipe.ray, args.address)
-        if ray_log:
-            link_worker_logs(logs)
+            needs_ray = getattr(module, "needs_ray", None)  # a stage says so when it can work without Ray
+            ray_needed = ray_needed or needs_ray is None or needs_ray(ctx)
+        if ray_needed:  # (`raylm eval --endpoint` and `raylm report` only read files and call HTTP)
+            init_ray(recipe.ray, args.address)
+            if ray_log:
+                link_worker_logs(logs)
         run_stages(ctx, stages)
         return 0
     except ConfigError as exc:

@@ -36,7 +36,7 @@ def default_stages(alignment: str, from_model: bool = False, eval_text: bool = T
 
 
 # Flags of the commands above whose values are paths: `raylm submit` makes them portable.
-PATH_FLAGS = ("-c", "--config", "--run-dir", "--input", "--data", "--model", "--out")
+PATH_FLAGS = ("-c", "--config", "--run-dir", "--input", "--data", "--model", "--out", "--text", "--tokenizer")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

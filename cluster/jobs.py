@@ -118,11 +118,11 @@ def _shipped(path: Path, project_root: Path, shipped: Collection[str] | None) ->
 def portable_path(value: str, cwd: Path, project_root: Path, shipped: Collection[str] | None = None,
                   flag: str = "") -> str:
     """A path as the job must see it: relative inside the shipped project, else absolute; URIs unchanged, and
-    so is a ``--model`` hub id (``org/name`` that is no local path)."""
+    so is a ``--model`` / ``--tokenizer`` hub id (``org/name`` that is no local path)."""
     if "://" in value:
         return value
     path = (cwd / value).resolve() if not os.path.isabs(value) else Path(value)
-    if flag == "--model" and HUB_ID.fullmatch(value) and not path.exists():
+    if flag in ("--model", "--tokenizer") and HUB_ID.fullmatch(value) and not path.exists():
         return value
     if _shipped(path, project_root, shipped):
         return str(path.relative_to(project_root))
@@ -264,18 +264,24 @@ def prepare_command(command_args: list[str], cwd: Path, shipped: Collection[str]
     parsed = check_command(command_args)
     args = list(command_args)
     if hasattr(parsed, "run_dir"):  # a stage or `run`: it has a recipe and a run directory
-        recipe = load_recipe(parsed.config, parsed.overrides)  # ConfigError here: nothing submitted
+        # `raylm report RUN_DIR`: the run dir may come as the one positional word (cluster.cli._report)
+        positional = [a for a in parsed.overrides if "=" not in a] if parsed.command == "report" else []
+        overrides = [a for a in parsed.overrides if a not in positional]
+        recipe = load_recipe(parsed.config, overrides)  # ConfigError here: nothing submitted
         if parsed.command != "run":
             stages = [parsed.command]
         else:
             stages = parsed.stages.split(",") if parsed.stages else default_stages(
                 recipe.alignment, from_model=bool(recipe.sft.base_model), eval_text=bool(recipe.eval.text))
-        if parsed.run_dir:
-            check_stages(parsed.run_dir, stages)
+        for run_dir in [parsed.run_dir, *positional]:
+            if run_dir:
+                check_stages(run_dir, stages)
+        if positional:
+            args = [portable_path(a, cwd, PROJECT_ROOT, shipped) if a in positional else a for a in args]
         if "ppo" in stages:  # the stage loads its reward functions in the job, from the job's cwd
             args = portable_reward_functions(args, parsed.overrides, recipe.ppo.reward_functions, cwd,
                                              shipped=shipped)
-        if not parsed.run_dir:
+        if not parsed.run_dir and not positional:
             # The job's cwd is a temporary copy of the project: pin the default run dir to where it would be here.
             args[1:1] = ["--run-dir", str(cwd / "runs" / recipe.name)]
     return portable_args(args, cwd, shipped=shipped)

@@ -255,6 +255,8 @@ STAGE_JOBS = {  # RayJob name -> the raylm command it runs
     "data": ["data"],
     "pretrain": ["pretrain"],
     "rlhf": ["run", "--stages", "sft,reward,ppo"],
+    "dpo": ["dpo"],  # DPO on rlhf's sft model, beside ppo (`raylm serve` prefers the recipe's `alignment`)
+    "eval": ["run", "--stages", "eval,report"],  # after rlhf or dpo: eval/results.json and report/ on the volume
 }
 
 

@@ -54,7 +54,10 @@ def route_ray_logs(log_dir: Path) -> Path | None:
     for name in ("ray", "ray.data"):
         logger = logging.getLogger(name)
         for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            # Ray's own console handlers only: others found here (pytest's caplog puts its handler on "ray" too)
+            # are not ours to quiet
+            if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+                    and type(handler).__module__.startswith("ray.")):
                 handler.setLevel(logging.ERROR)
         if not any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in logger.handlers):
             logger.addHandler(to_file)

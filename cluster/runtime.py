@@ -43,7 +43,9 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Configure the ``raylm`` logger once per process (idempotent)."""
+    """Configure the ``raylm`` logger once per process (idempotent): our console handler on it. Records still
+    propagate to the root logger, which has no handler in the CLI (nothing prints twice), so handlers put on
+    the root by whoever embeds raylm (pytest's ``caplog``, an application's logging config) see them too."""
     global _logging_done
     if _logging_done:
         return
@@ -52,7 +54,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("raylm")
     root.addHandler(handler)
     root.setLevel(level)
-    root.propagate = False
     _logging_done = True
 
 

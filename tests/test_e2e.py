@@ -59,3 +59,40 @@ def test_raylm_run_whole_pipeline_then_chat(ray_cluster, tmp_path, capsys):
         assert reply.usage.completion_tokens > 0
     finally:
         serve.shutdown()
+
+
+def test_raylm_run_with_dpo_alignment_then_chat(ray_cluster, tmp_path, capsys):
+    """`alignment: dpo`: the default stage list puts dpo in place of reward + ppo, and eval, report and serve pick
+    up the DPO model."""
+    from openai import OpenAI
+    from ray import serve
+
+    port = free_port()
+    run_dir = tmp_path / "run"
+    try:
+        rc = raylm(["run", "-c", str(RECIPE), "--run-dir", str(run_dir), "--no-block", "alignment=dpo",
+                    f"serve.port={port}", "pretrain.max_steps=6", "pretrain.checkpoint_every=6", "sft.max_steps=4",
+                    "sft.checkpoint_every=4", "dpo.max_steps=4", "dpo.checkpoint_every=4", "eval.tasks=[]"])
+        assert rc == 0
+        err = capsys.readouterr().err
+        for i, stage in enumerate(["data", "pretrain", "sft", "dpo", "eval", "report", "serve"], start=1):
+            assert f"[{i}/7] {stage}: done in" in err
+        assert not (run_dir / "reward").exists() and not (run_dir / "ppo").exists()
+        heldout = json.loads((run_dir / "dpo" / "heldout.json").read_text())
+        assert 0 <= heldout["val_accuracy"] <= 1 and heldout["val_pairs"] > 0
+        assert [m["name"] for m in json.loads((run_dir / "eval" / "results.json").read_text())["models"]] == [
+            "pretrain", "sft", "dpo"]
+        md = (run_dir / "report" / "report.md").read_text()
+        assert "Training: dpo" in md and "Training: ppo" not in md and "| dpo | OK |" in md
+        assert 'id="plot-dpo"' in (run_dir / "report" / "report.html").read_text()
+        assert raylm(["lineage", str(run_dir / "dpo" / "model")]) == 0  # dpo -> sft -> pretrain -> data
+        assert "data: OK" in capsys.readouterr().out
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        card = client.models.retrieve(client.models.list().data[0].id).model_dump()
+        assert card["lineage"][0]["stage"] == "dpo"  # the served model is the DPO model
+        reply = client.chat.completions.create(
+            model=card["id"], messages=[{"role": "user", "content": "What does `json.dumps` do?"}],
+            max_tokens=8, temperature=0)
+        assert reply.usage.completion_tokens > 0
+    finally:
+        serve.shutdown()

@@ -121,6 +121,12 @@ def test_command_is_checked_before_submitting(tmp_path):
     # the default run dir is pinned to where it would be locally (the job's cwd is a temporary copy)
     assert prepare_command(["raylm", "data"], cwd=tmp_path)[:3] == ["data", "--run-dir",
                                                                      str(tmp_path / "runs" / "tiny-cpu")]
+    # report's positional RUN_DIR is the run dir (not pinned a second time); eval's --text and --tokenizer are paths
+    assert prepare_command(["report", "runs/a"], cwd=tmp_path) == ["report", str(tmp_path / "runs" / "a")]
+    out = prepare_command(["eval", "--run-dir", "r", "--endpoint", "http://h:8000/v1", "--text", "held.txt",
+                           "--tokenizer=tok", "--model", "raylm"], cwd=tmp_path)
+    assert out == ["eval", "--run-dir", str(tmp_path / "r"), "--endpoint", "http://h:8000/v1", "--text",
+                   str(tmp_path / "held.txt"), f"--tokenizer={tmp_path / 'tok'}", "--model", str(tmp_path / "raylm")]
     assert build_entrypoint("/v/python", ["data", "--input", "a b"]) == "/v/python -m cluster.cli data --input 'a b'"
 
 
@@ -423,3 +429,27 @@ def test_data_stage_runs_as_a_job(head, tmp_path):
     assert "SUCCEEDED" in res.stderr
     assert (run_dir / "config.yaml").is_file()
     assert any((run_dir / "data").rglob("*.parquet")), sorted(p.name for p in (run_dir / "data").rglob("*"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ppo_with_a_reward_function_file_runs_as_a_job(head, tmp_path):
+    """A reward function named by its file travels with the job (the checkout's zip) and scores on the cluster."""
+    import json
+
+    from alignment_fixtures import build_causal_lm
+
+    from cluster.rundir import read_metrics
+
+    run_dir = tmp_path / "run"
+    build_causal_lm(run_dir / "sft" / "model")  # no reward model: the function is the reward
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?"}) + "\n" for a, b in ((1, 2), (3, 4))))
+    res = _raylm(["submit", "--address", head["address"], "--", "ppo", "--run-dir", str(run_dir), "--data",
+                  str(prompts), "ppo.algorithm=grpo", "ppo.group_size=2", "ppo.rollout_batch_size=4",
+                  "ppo.micro_batch_size=4", "ppo.max_new_tokens=4", "ppo.iterations=1", "ppo.use_reward_model=false",
+                  "ppo.reward_functions=[pipelines/tasks/arithmetic.py:correct]"], head["token"], timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+    (step,) = [m for m in read_metrics(run_dir / "ppo") if "reward_mean" in m]
+    assert 0 <= step["reward/arithmetic:correct"] <= 1 and step["reward_fn_errors"] == 0
+    assert (run_dir / "ppo" / "model" / "config.json").is_file()

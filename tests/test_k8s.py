@@ -72,7 +72,8 @@ def test_overlays_render_every_object(rendered):
         assert kinds == ["Ingress/raylm", "Namespace/" + ("raylm-dev" if overlay == "dev" else "raylm"),
                          "NetworkPolicy/raylm", "NetworkPolicy/raylm-head", "PersistentVolumeClaim/raylm-runs",
                          "RayCluster/raylm",
-                         "RayJob/raylm-data", "RayJob/raylm-pretrain", "RayJob/raylm-rlhf", "RayService/raylm"]
+                         "RayJob/raylm-data", "RayJob/raylm-dpo", "RayJob/raylm-eval", "RayJob/raylm-pretrain",
+                         "RayJob/raylm-rlhf", "RayService/raylm"]
         images = {c["image"] for o in _kuberay(objs) for p in _pod_templates(o) for c in p["spec"]["containers"]}
         assert images == {f"ghcr.io/raylm/raylm:0.1.0-{'cpu' if overlay == 'dev' else 'gpu'}"}
 
@@ -152,7 +153,7 @@ def _crd_errors(obj: dict, validators: dict) -> list[str]:
 
 def test_kuberay_objects_match_the_crds(rendered, crd_validators):
     objs = [o for overlay in OVERLAYS for o in _kuberay(rendered[overlay])]
-    assert len(objs) == 10
+    assert len(objs) == 14  # per overlay: RayCluster, 5 RayJobs, RayService
     errors = [e for o in objs for e in _crd_errors(o, crd_validators)]
     assert not errors, "\n".join(errors[:20])
 
@@ -212,7 +213,7 @@ def test_runtime_envs_are_valid_for_ray(rendered):
                 envs.append(yaml.safe_load(obj["spec"]["runtimeEnvYAML"]))
             if obj["kind"] == "RayService":
                 envs += [a["runtime_env"] for a in yaml.safe_load(obj["spec"]["serveConfigV2"])["applications"]]
-    assert len(envs) == 8
+    assert len(envs) == 12  # per overlay: 5 RayJobs, 1 RayService
     for env in envs:
         RuntimeEnv(**env)  # Ray's validation: raises on unknown plugins or malformed fields
     with pytest.raises((TypeError, ValueError)):

@@ -8,7 +8,7 @@ import pytest
 
 from cluster.cli import main as raylm
 from cluster.recipe import load_recipe
-from pipelines.lineage import chain, check_reusable, record_stage
+from pipelines.lineage import chain, check_reusable, parent_entry, record_stage
 
 
 def make_run(tmp_path):
@@ -72,25 +72,37 @@ def test_a_training_stage_never_resumes_checkpoints_of_changed_inputs(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_data_rerun_on_a_changed_corpus_retrains_the_tokenizer(ray_cluster, tmp_path):
+def test_data_reruns_write_the_same_shards_and_a_changed_corpus_retrains_the_tokenizer(ray_cluster, tmp_path,
+                                                                                      caplog):
     from pipelines.data.planted import planted_corpus
 
     planted_corpus(n_base=40).write_jsonl(tmp_path / "in", files=2)
-    args = ["data", "--run-dir", str(tmp_path / "run"), "--input", str(tmp_path / "in"), "data.quality.languages=[]",
-            "data.num_blocks=2", "data.tokenize.seq_len=64", "tokenizer.vocab_size=300", "tokenizer.train_docs=50"]
-    data = tmp_path / "run" / "data"
+    # several blocks and pack groups, and a tokenizer sample smaller than the corpus: every place where the order
+    # of Ray Data's blocks could leak into the bytes
+    args = ["data", "--input", str(tmp_path / "in"), "data.quality.languages=[]", "data.num_blocks=3",
+            "data.tokenize.seq_len=64", "data.tokenize.batch_docs=8", "tokenizer.vocab_size=300",
+            "tokenizer.train_docs=30"]
 
-    def run_data() -> tuple[dict, str]:
-        assert raylm(args) == 0
+    def run_data(run) -> tuple[dict, str, dict]:
+        assert raylm([*args, "--run-dir", str(run)]) == 0
+        data = run / "data"
         stats = json.loads((data / "stats.json").read_text())["stages"]["tokenize"]
-        return stats, (data / "tokenizer" / "tokenizer.json").read_text()
+        shards = {p.name: p.read_bytes() for p in (data / "shards").glob("*.parquet")}
+        return stats, (data / "tokenizer" / "tokenizer.json").read_text(), shards
 
-    first, tokenizer = run_data()
-    again, _ = run_data()  # the same corpus: the tokenizer is reused
+    first, tokenizer, shards = run_data(tmp_path / "run")
+    assert len(shards) > 3
+    consumed = parent_entry(tmp_path / "run", "data")["outputs_sha256"]
+    again, _, _ = run_data(tmp_path / "run")  # the same corpus: the tokenizer is reused
     assert first["tokenizer_trained"] and not again["tokenizer_trained"]
-    # (what pretrain reads is not always the same byte for byte after such a rerun: Ray Data's block order can
-    # differ between runs, and pretrain then refuses its checkpoints, naming the data stage; issue 13's note)
+    # what pretrain reads is the same byte for byte, so pretrain still resumes from its checkpoints
+    assert parent_entry(tmp_path / "run", "data")["outputs_sha256"] == consumed
+    fresh, fresh_tokenizer, fresh_shards = run_data(tmp_path / "elsewhere")  # a new run dir: trained again
+    assert fresh["tokenizer_trained"] and fresh_tokenizer == tokenizer and fresh_shards == shards
     changed = min((tmp_path / "in").iterdir())
     changed.write_text(changed.read_text().replace("a", "o"))
-    third, retrained = run_data()
+    caplog.clear()
+    third, retrained, _ = run_data(tmp_path / "run")
     assert third["tokenizer_trained"] and retrained != tokenizer
+    data = tmp_path / "run" / "data"
+    assert f"the corpus changed since the tokenizer at {data / 'tokenizer'} was trained ({changed}" in caplog.text

@@ -91,7 +91,7 @@ def test_tokenizer_shards_and_export_round_trip_through_the_bucket(bucket, tmp_p
                        "input_ids": pa.array(list(rows), type=pa.list_(pa.int32())),
                        "doc_starts": pa.array([[0]] * 12, type=pa.list_(pa.int32())),
                        "dropped_tokens": pa.array([0] * 12, type=pa.int64())})
-    summaries = write_shard_block(packed, str(data / "shards"), 300).to_pylist()
+    summaries = write_shard_block(packed, str(data / "shards"), 300, "00000").to_pylist()
     totals = finalize_shards(summaries, data / "shards", 300)
     write_manifest(data / "shards", seq_len=16, vocab_size=300, tokenizer_dir=data / "tokenizer",
                    tokenizer_hash=tokenizer_hash(data / "tokenizer"), eos_id=tok.eos_token_id, totals=totals)

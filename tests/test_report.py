@@ -45,6 +45,16 @@ def test_run_text_is_escaped_in_html_and_kept_in_one_markdown_cell(tmp_path):
     assert f"| ppo (chat) | {cell} |" in md
 
 
+def test_a_dpo_run_shows_dpo_in_place_of_reward_and_ppo(tmp_path):
+    run = make_report_run(tmp_path, stages=("data", "pretrain", "sft", "dpo", "eval"))
+    paths = build_report(run)
+    assert paths["not_run"] == []  # reward and ppo are the path this run did not take, not missing parts
+    md = (run / "report" / "report.md").read_text()
+    assert "Training: dpo" in md and "Training: reward" not in md and "Training: ppo" not in md
+    assert "| dpo | OK |" in md  # lineage: dpo -> sft -> pretrain -> data
+    assert 'id="plot-dpo"' in (run / "report" / "report.html").read_text()
+
+
 def test_a_run_that_stopped_after_pretrain_says_not_run(tmp_path):
     run = make_report_run(tmp_path, stages=("data", "pretrain"))
     paths = build_report(run)

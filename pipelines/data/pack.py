@@ -1,7 +1,9 @@
 """Tokenize, append EOS, pack into fixed-length rows recording where documents start, split train/validation.
 
-Packing is per batch (a Ray Data map has no state across batches): each batch drops its last partial row,
-at most ``seq_len - 1`` tokens per ``tokenize.batch_docs`` documents (counted in stats.json).
+Packing is per group of about ``tokenize.batch_docs`` documents (a Ray Data map has no state across groups): each
+group drops its last partial row, at most ``seq_len - 1`` tokens per group (counted in stats.json). A document's
+group is a stable hash of its id and a group is packed in (id, text) order, so the same documents give the same
+shards byte for byte on every run, whatever order Ray Data's blocks arrive in.
 """
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
     """Stable per-document split: the same document lands in the same split on every run and worker."""
     bucket = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "big")
     return bucket / 2**64 < val_fraction
+
+
+def pack_group(doc_id: str, groups: int) -> int:
+    """Stable per-document pack group in [0, groups) (independent of the split's hash by its own salt)."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8, salt=b"pack").digest()
+    return int.from_bytes(digest, "big") % groups
 
 
 def pack(docs: list[list[int]], eos_id: int, seq_len: int) -> tuple[np.ndarray, list[list[int]], int]:

@@ -2,7 +2,6 @@
 ``shards/manifest.json`` written last and atomically by the driver (no manifest = incomplete data)."""
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,17 @@ from pipelines.data.pack import SPLITS, unigram_entropy_nats
 MANIFEST = "manifest.json"
 
 
-def write_shard_block(batch: pa.Table, out_dir: str, vocab_size: int) -> pa.Table:
-    """Ray Data UDF over one whole block of packed rows: one temp parquet file per split present, plus a
-    summary row per file (path, sequences, tokens, unigram counts of its tokens)."""
+def write_shard_block(batch: pa.Table, out_dir: str, vocab_size: int, tag: str) -> pa.Table:
+    """One temp parquet file per split present in a block of packed rows, plus a summary row per file (path,
+    sequences, tokens, unigram counts of its tokens). ``tag`` names the block (``.tmp-<split>-<tag>``): a name
+    that is the same on every run, so ``finalize_shards`` numbers the files the same way every time."""
     summaries = {"split": [], "path": [], "sequences": [], "tokens": [], "dropped_tokens": [], "counts": []}
     for split in SPLITS:
         part = batch.filter(pa.compute.equal(batch.column("split"), split))
         if part.num_rows == 0:
             continue
         table = part.select(["input_ids", "doc_starts"])
-        path = location(out_dir) / f".tmp-{split}-{uuid.uuid4().hex}.parquet"
+        path = location(out_dir) / f".tmp-{split}-{tag}.parquet"
         filesystem, target = arrow_target(path)
         pq.write_table(table, target, filesystem=filesystem)
         flat = table.column("input_ids").combine_chunks().values.to_numpy()

@@ -169,7 +169,7 @@ def run(ctx: StageContext) -> dict:
     summary = {"docs_in": stats["stages"]["input"]["docs_in"], "docs_kept": n_kept}
     manifest = None
     if cfg.tokenize.enabled:
-        stats["stages"]["tokenize"], manifest = tokenize_stage(recipe, kept, outputs)
+        stats["stages"]["tokenize"], manifest = tokenize_stage(recipe, kept, outputs, n_kept)
         clock.done("tokenize", n_kept)
         summary["train_tokens"] = stats["stages"]["tokenize"]["splits"]["train"]["tokens"]
     stats["throughput"] = clock.throughput

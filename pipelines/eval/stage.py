@@ -90,6 +90,11 @@ def timed_policies(paths: dict, reward_dir: str | None, recipe) -> dict:
     return {"record": record, "seconds": round(time.perf_counter() - started, 2), "pid": os.getpid()}
 
 
+def needs_ray(ctx: StageContext) -> bool:
+    """An endpoint is evaluated over HTTP from this process (the endpoint does the work): no cluster to start."""
+    return not ctx.recipe.eval.endpoint
+
+
 def preflight(ctx: StageContext) -> None:
     """Checks the inputs a user names (model dirs, text files, lm-eval tasks) before Ray starts and before any
     stage of ``raylm run`` does work: a typo must not cost a training run. The run's own models and data are

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from cluster.rundir import read_metrics
 
-TRAIN_STAGES = ("pretrain", "sft", "reward", "ppo")
-TIMED_STAGES = ("data", "pretrain", "sft", "reward", "ppo", "eval")
+TRAIN_STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+TIMED_STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
 # the per-document filters of the data stage, in pipeline order (pipelines/data/stats.py CLEAN_STAGES)
 FILTER_STAGES = ("input", "normalize", "quality", "pii")
 DEDUP_STAGES = ("exact_dedup", "near_dedup")
@@ -105,7 +105,7 @@ def lineage(run: Path) -> list[dict] | None:
     from pipelines.lineage import RECORD, chain
 
     records: dict[str, dict] = {}
-    for stage in ("eval", "ppo", "reward", "sft", "pretrain", "data"):
+    for stage in ("eval", "ppo", "dpo", "reward", "sft", "pretrain", "data"):
         if stage in records or not (run / stage / RECORD).is_file():
             continue
         try:
@@ -113,7 +113,7 @@ def lineage(run: Path) -> list[dict] | None:
                 records.setdefault(doc["stage"], doc)
         except FileNotFoundError:  # a parent's record is missing: show this stage's record unchecked
             records[stage] = {**_json(run / stage / RECORD), "changed": None, "broken_parents": []}
-    order = ("data", "pretrain", "sft", "reward", "ppo", "eval")
+    order = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
     return [records[s] for s in order if s in records] or None
 
 

@@ -12,10 +12,14 @@ PANELS = {
             ("grad norm", ["grad_norm"])],
     "reward": [("loss", ["loss", "val_loss"]), ("held-out accuracy", ["val_accuracy"]),
                ("held-out margin", ["val_margin"]), ("tokens/s", ["tokens_per_s"])],
-    "ppo": [("reward", ["reward_mean"]), ("KL to reference", ["kl", "kl_per_token"]), ("KL coefficient", ["kl_coef"]),
+    "ppo": [("reward", ["reward_mean"]), ("KL to reference", ["kl", "kl_target", "kl_per_token"]),
+            ("KL coefficient", ["kl_coef"]),
             ("response length", ["response_len"]), ("entropy", ["entropy"]), ("samples/s", ["samples_per_s"]),
             ("policy / value loss", ["policy_loss", "value_loss"]), ("seconds per step", ["time_generate",
                                                                                        "time_score", "time_train"])],
+    "dpo": [("loss", ["loss", "val_loss"]), ("implicit rewards", ["chosen_reward", "rejected_reward", "margin"]),
+            ("preference accuracy", ["accuracy", "val_accuracy"]), ("tokens/s", ["tokens_per_s"]),
+            ("learning rate", ["lr"])],
 }
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 

@@ -43,10 +43,18 @@ def training_sections(curves: dict[str, list[dict] | None]) -> list[dict]:
     notes = {"pretrain": "Next-token loss on the packed shards (val_loss: held-out shards), throughput, MFU.",
              "sft": "Loss on assistant tokens (val_loss: held-out chats).",
              "reward": "Pairwise loss; accuracy and margin on held-out preference pairs.",
-             "ppo": "Policy optimisation (PPO or GRPO): reward, KL to the reference, response length, entropy, "
-                    "throughput."}
+             "ppo": "Policy optimisation (PPO or GRPO): reward, KL to the reference (and the controller's target), "
+                    "response length, entropy, throughput.",
+             "dpo": "Direct preference optimisation: DPO loss, the implicit rewards of chosen and rejected replies "
+                    "and their margin, preference accuracy (val_: held-out pairs)."}
+    # The recipe's `alignment` trains reward + ppo or dpo: the path a run did not take is left out, not "not run"
+    # (dpo is shown only when it ran)
+    skipped = {"reward", "ppo"} if curves.get("dpo") and not (curves.get("reward") or curves.get("ppo")) else \
+        set() if curves.get("dpo") else {"dpo"}
     out = []
     for stage in TRAIN_STAGES:
+        if stage in skipped:
+            continue
         rows = curves.get(stage)
         s = _section(f"train-{stage}", f"Training: {stage}", notes[stage],
                      None if rows else f"{NOT_RUN} (no {stage}/metrics.jsonl)")

@@ -38,6 +38,10 @@ def print_paths(paths: dict) -> None:
           f"{paths['eval_results'] or 'not run'}", flush=True)
 
 
+def needs_ray(ctx: StageContext) -> bool:
+    return False  # the report reads the run directory's files only
+
+
 def run(ctx: StageContext) -> dict:
     paths = build_report(ctx.run_dir.root)
     print_paths(paths)
