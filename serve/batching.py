@@ -113,13 +113,14 @@ class RunningBatch:
         the deltas before ``forward`` runs: a token reaches its client one forward pass sooner."""
         e = self.engine
         logits = self.logits.float().cpu()  # one copy per step; rows sample with their own CPU generators
+        best = logits.argmax(dim=-1).tolist()  # greedy rows' tokens, one call for the batch (not one per row)
         out: list[tuple[Hashable, Delta | Exception]] = []
         keep: list[int] = []
         for i, (key, row) in enumerate(zip(self.keys, self.rows)):
             if key in cancelled:
                 continue
             try:
-                delta = row.next(logits[i], e.eos_ids, e.decode)
+                delta = row.next(logits[i], e.eos_ids, e.decode, best[i])
             except Exception as exc:  # noqa: BLE001 - this row's failure is this row's alone
                 out.append((key, exc))
                 continue

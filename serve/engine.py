@@ -107,9 +107,11 @@ class Row:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed % 2**64)  # any int maps into what torch accepts
 
-    def next(self, logits: torch.Tensor, eos_ids: set[int], decode) -> Delta:
-        """Sample this row's next token from its logits (on the CPU: each row has its own CPU generator)."""
-        token = sample_token(logits, self.params, self.generator)
+    def next(self, logits: torch.Tensor, eos_ids: set[int], decode, best: int | None = None) -> Delta:
+        """Sample this row's next token from its logits (on the CPU: each row has its own CPU generator).
+        ``best``: the row's argmax, when the caller took it for the whole batch at once (greedy rows use it)."""
+        greedy = best is not None and self.params.temperature < GREEDY_BELOW
+        token = best if greedy else sample_token(logits, self.params, self.generator)
         logprobs = None
         if self.params.logprobs is not None:  # EOS ends the text and is not part of it: no entry
             ends = token in eos_ids and not self.params.ignore_eos
