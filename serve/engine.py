@@ -107,9 +107,11 @@ class Row:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed % 2**64)  # any int maps into what torch accepts
 
-    def next(self, logits: torch.Tensor, eos_ids: set[int], decode) -> Delta:
-        """Sample this row's next token from its logits (on the CPU: each row has its own CPU generator)."""
-        token = sample_token(logits, self.params, self.generator)
+    def next(self, logits: torch.Tensor, eos_ids: set[int], decode, best: int | None = None) -> Delta:
+        """Sample this row's next token from its logits (on the CPU: each row has its own CPU generator).
+        ``best``: the row's argmax, when the caller took it for the whole batch at once (greedy rows use it)."""
+        greedy = best is not None and self.params.temperature < GREEDY_BELOW
+        token = best if greedy else sample_token(logits, self.params, self.generator)
         logprobs = None
         if self.params.logprobs is not None:  # EOS ends the text and is not part of it: no entry
             ends = token in eos_ids and not self.params.ignore_eos
@@ -168,6 +170,15 @@ class Engine:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def decode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of a decode step (one new token per row, ``mask``: [B, S] over the whole cache). With
+        SDPA it goes in as SDPA's own boolean [B, 1, 1, S] mask, which transformers passes through untouched: its
+        mask builder costs ~10% of a small model's decode step on CPU, for a mask that is the padding mask here (a
+        single query token attends to every cached position its row holds)."""
+        if self.model.config._attn_implementation != "sdpa":
+            return mask
+        return mask[:, None, None, :].bool()
 
     # -- prompts --
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:

@@ -220,10 +220,10 @@ def test_killing_a_replica_under_load_fails_only_its_requests(app, client):
         pids = set()
         for actor in ray.util.list_named_actors(all_namespaces=True):
             if actor["name"].startswith("SERVE_REPLICA::raylm#OpenAIIngress#"):
-                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-                try:
+                try:  # listed, then gone before the lookup (the victim, a scale-down): ValueError
+                    handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
                     pids.add(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=30))
-                except ray.exceptions.RayError:
+                except (ValueError, ray.exceptions.RayError):
                     pass  # dead or restarting: not a live replica
         return pids
 
