@@ -77,7 +77,7 @@ def grpo_config(args):
     return PPOConfig(policy=RoleConfig(replicas=args.replicas, num_cpus=bundle),
                      reference=RoleConfig(replicas=args.replicas, num_cpus=bundle),
                      reward=RoleConfig(num_cpus=bundle / 2), algorithm="grpo", rollout_batch_size=args.batch, group_size=args.group_size,
-                     micro_batch_size=args.micro_batch, max_new_tokens=args.response_len, iterations=args.iterations,
+                     micro_batch_size=args.micro_batch, mini_batch_size=args.batch, max_new_tokens=args.response_len, iterations=args.iterations,
                      actor_lr=1e-5, stop_at_eos=False, kl_mode="loss", kl_estimator="k3", adaptive_kl=False,
                      kl_coef=args.beta, reward_functions=[REWARD], use_reward_model=False)
 
@@ -169,7 +169,7 @@ def run_trl(args, policy: Path, questions: list[str], work: Path, threads: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=4, help="timed GRPO iterations (after one warm-up)")
+    p.add_argument("--iterations", type=int, default=12, help="timed GRPO iterations (after one warm-up)")
     p.add_argument("--batch", type=int, default=32, help="samples per iteration (prompts x group size)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=8)

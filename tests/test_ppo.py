@@ -45,6 +45,14 @@ def test_ppo_config_validation_names_the_key():
         PPOConfig(zero_stage=3)
     with pytest.raises(ValueError, match=r"^policy\.replicas"):
         PPOConfig(rollout_batch_size=5, policy=RoleConfig(replicas=2))
+    with pytest.raises(ValueError, match="^mini_batch_size: must divide"):
+        PPOConfig(rollout_batch_size=16, mini_batch_size=12)
+    with pytest.raises(ValueError, match=r"^mini_batch_size: must be a multiple of micro_batch_size x policy"):
+        PPOConfig(rollout_batch_size=16, micro_batch_size=4, mini_batch_size=8, policy=RoleConfig(replicas=4))
+    cfg = PPOConfig(algorithm="grpo", rollout_batch_size=16, micro_batch_size=4, mini_batch_size=16,
+                    policy=RoleConfig(replicas=2), kl_mode="loss")
+    assert cfg.grad_accum("policy") == 2 and cfg.single_update
+    assert not PPOConfig(rollout_batch_size=16, mini_batch_size=16, kl_mode="reward").single_update
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +103,50 @@ def test_four_roles_two_iterations(ray_cluster, tiny_models):
     # The adaptive KL controller is on by default: both iterations report the target and the coefficient used.
     assert first["kl_target"] == second["kl_target"] == cfg.kl_target and first["kl_coef"] == cfg.kl_coef
     assert second["kl_coef"] < first["kl_coef"]  # KL 0 < target after iteration 1: the coefficient shrank
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_single_update_skips_the_rollout_logprob_forward_and_changes_nothing(ray_cluster, tiny_models, tmp_path):
+    """One update per batch (mini_batch_size = rollout_batch_size, kl in the loss): the old log-probs are the
+    update's own; the same seeded run with them computed by the rollout forward ends at the same weights."""
+    from actors.group import gather
+    from actors.ppo.driver import PPOTrainer
+    from actors.ppo.reward_functions import load_reward_functions
+
+    lm, _ = tiny_models
+    tok, prompts = chat_prompts(lm, ["dumps", "loads"])
+    prompts = [p for p in prompts for _ in range(2)]  # 2 prompts x group 2
+    # 2 replicas x micro-batch 1: each replica accumulates 2 micro-batches into the one step of the batch.
+    cfg = PPOConfig(algorithm="grpo", iterations=1, rollout_batch_size=4, group_size=2, max_new_tokens=6,
+                    micro_batch_size=1, mini_batch_size=4, actor_lr=1e-3, kl_mode="loss", kl_estimator="k3",
+                    kl_coef=0.5, adaptive_kl=False, use_reward_model=False, reward_functions=["rewards.py:length"],
+                    policy=RoleConfig(replicas=2))
+    (tmp_path / "rewards.py").write_text("def length(prompts, responses):\n"
+                                         "    return [len(r) / 10 for r in responses]\n")
+    functions = load_reward_functions(["rewards.py:length"], cwd=tmp_path)  # scores that differ in a group
+    results = []
+    for recompute in (False, True):
+        trainer = PPOTrainer(cfg, str(lm), None, pad_id=tok.pad_token_id, reward_functions=functions)
+        try:
+            if recompute:  # what the driver does without single_update, by hand
+                batch = trainer._generate(prompts)
+                assert "logprobs" not in batch
+                batch["logprobs"] = gather(trainer.policy.scatter("rollout_logprobs", batch), trainer.pad_id)
+                batch.update(trainer._score(batch))
+                stats = trainer._advantages(batch)
+                stats.update(trainer._train(batch))
+            else:
+                stats = trainer.step(prompts)
+            results.append((stats, trainer.checksums()["policy"]))
+        finally:
+            trainer.shutdown()
+    (skipped, weights), (recomputed, weights_recomputed) = results
+    assert weights[0] == pytest.approx(weights_recomputed[0], rel=1e-6)
+    assert weights[0] == pytest.approx(weights[1], rel=1e-6)  # replicas in sync after the accumulated step
+    assert skipped["approx_kl"] == 0 and skipped["clip_frac"] == 0  # ratio 1: old = this update's own
+    assert skipped["kl"] == pytest.approx(recomputed["kl"], abs=1e-6)  # measured by the update's forward
+    assert skipped["kl_per_token"] == pytest.approx(recomputed["kl_per_token"], abs=1e-6)
 
 
 @pytest.mark.ray

@@ -55,12 +55,13 @@ class PromptSampler:
         self._shuffle()
 
 
-def role_config(cfg: PPOConfig, lr: float) -> dict:
+def role_config(cfg: PPOConfig, lr: float, role: str = "policy") -> dict:
     """The plain dict each role actor gets (picklable, no schema import needed in the worker)."""
     keys = ("micro_batch_size", "zero_stage", "grad_clip", "precision", "max_new_tokens", "temperature", "top_p",
-            "stop_at_eos",
+            "stop_at_eos", "single_update",
             "ppo_epochs", "clip_eps", "value_clip_eps", "kl_mode", "kl_estimator")
-    return {**{k: getattr(cfg, k) for k in keys}, "lr": lr}
+    accum = cfg.grad_accum(role) if role in ("policy", "critic") else 1
+    return {**{k: getattr(cfg, k) for k in keys}, "lr": lr, "grad_accum": accum}
 
 
 class PPOTrainer:
@@ -79,7 +80,7 @@ class PPOTrainer:
         plan = plan_placement(cfg, roles)
         wait_ready(plan)
         self.placements = plan
-        policy_cfg, critic_cfg = role_config(cfg, cfg.actor_lr), role_config(cfg, cfg.critic_lr)
+        policy_cfg, critic_cfg = role_config(cfg, cfg.actor_lr), role_config(cfg, cfg.critic_lr, "critic")
         self.policy = ActorGroup(PolicyActor, plan["policy"],
                                  lambda r, n: ((str(policy_dir), policy_cfg, r, n, seed), {}), "policy")
         self.reference = ActorGroup(ReferenceActor, plan["reference"],
@@ -137,8 +138,13 @@ class PPOTrainer:
         ended = algos.has_eos(responses, mask, self.eos_id)
         scores = algos.adjust_scores(batch["scores"], ended, missing_eos_penalty=cfg.missing_eos_penalty,
                                      whiten=cfg.whiten_scores, clip=cfg.score_clip)
-        kl = algos.kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
         coef = self.kl_ctl.value if cfg.kl_mode == "reward" else 0.0
+        stats = {"truncated_frac": (~ended).float().mean().item(), "score_mean": scores.mean().item()}
+        if "logprobs" in batch:
+            kl = algos.kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
+            stats.update(kl=kl.sum(-1).mean().item(), kl_per_token=algos.masked_mean(kl, mask).item())
+        else:  # single update (kl_mode loss): no rollout log-probs; the policy measures the KL as it trains
+            kl = torch.zeros_like(mask)
         if self.grpo:
             adv = algos.grpo_advantages(scores - coef * kl.sum(-1), cfg.group_size).unsqueeze(-1) * mask
         else:
@@ -147,19 +153,23 @@ class PPOTrainer:
             if cfg.whiten_advantages:
                 adv = algos.masked_whiten(adv, mask)
         batch["advantages"] = adv
-        seq_kl = kl.sum(-1)
-        return {"kl": seq_kl.mean().item(), "kl_per_token": algos.masked_mean(kl, mask).item(),
-                "truncated_frac": (~ended).float().mean().item(), "score_mean": scores.mean().item()}
+        return stats
 
     def _train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         kl_coef = self.kl_ctl.value if self.cfg.kl_mode == "loss" else 0.0
         keys = ["sequences", "attention_mask", "response_mask", "logprobs", "advantages", "ref_logprobs"]
-        policy_refs = self.policy.scatter("train", {k: batch[k] for k in keys}, kl_coef=kl_coef)
+        policy_refs = self.policy.scatter("train", {k: batch[k] for k in keys if k in batch}, kl_coef=kl_coef)
         critic_refs = None
         if self.critic is not None:  # policy and critic train at once
             keys = ["sequences", "attention_mask", "response_mask", "values", "returns"]
             critic_refs = self.critic.scatter("train", {k: batch[k] for k in keys})
-        return {**mean_stats(policy_refs), **(mean_stats(critic_refs) if critic_refs is not None else {})}
+        stats = mean_stats(policy_refs)  # shards are equal: the mean of replica means is the batch mean
+        kl_tokens, tokens = stats.pop("kl_token_sum", None), stats.pop("response_tokens", None)
+        if "logprobs" not in batch:  # the KL to the reference, measured by the update's forward (before it steps)
+            stats["kl_per_token"] = kl_tokens / tokens
+        else:
+            stats.pop("kl", None)  # measured by the driver from the rollout log-probs
+        return {**stats, **(mean_stats(critic_refs) if critic_refs is not None else {})}
 
     def step(self, prompts: list[list[int]]) -> dict[str, float]:
         """One PPO iteration on ``prompts`` (already repeated ``group_size`` times for GRPO)."""
@@ -170,6 +180,7 @@ class PPOTrainer:
         t2 = time.perf_counter()
         kl_stats = self._advantages(batch)
         train_stats = self._train(batch)
+        kl_stats.update({k: train_stats.pop(k) for k in ("kl", "kl_per_token") if k in train_stats})
         t3 = time.perf_counter()
         if self.rollout_engine is not None:
             self.rollout_engine.sync_weights(self.policy)

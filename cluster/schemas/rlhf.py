@@ -129,7 +129,12 @@ class PPOConfig:
     stop_at_eos: bool = True  # false: every response is max_new_tokens long (EOS suppressed; benchmarks)
     top_p: float = 1.0
     ppo_epochs: int = 1
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # rows per forward/backward on each policy/critic replica
+    # Samples per optimizer step over all replicas (micro-batches accumulate, TRL's gradient_accumulation_steps,
+    # verl's ppo_mini_batch_size); None: one step per micro-batch on each replica (micro_batch_size x replicas).
+    # = rollout_batch_size with ppo_epochs 1 and kl_mode loss: one update per batch, taken from the rollout's
+    # own policy, so the rollout log-prob forward is skipped (old log-probs = the update's, detached).
+    mini_batch_size: int | None = None
     actor_lr: float = 1e-5
     critic_lr: float = 5e-5
     clip_eps: float = 0.2
@@ -199,6 +204,28 @@ class PPOConfig:
             if self.rollout_batch_size % replicas:
                 raise ValueError(f"{role}.replicas: rollout_batch_size={self.rollout_batch_size} must split evenly "
                                  f"over {replicas} replicas")
+        if self.mini_batch_size is not None:
+            if self.mini_batch_size < 1 or self.rollout_batch_size % self.mini_batch_size:
+                raise ValueError(f"mini_batch_size: must divide rollout_batch_size={self.rollout_batch_size}, got "
+                                 f"{self.mini_batch_size}")
+            for role in ("policy",) + (("critic",) if self.algorithm == "ppo" else ()):
+                per_step = self.micro_batch_size * getattr(self, role).replicas
+                if self.mini_batch_size % per_step:
+                    raise ValueError(f"mini_batch_size: must be a multiple of micro_batch_size x {role}.replicas = "
+                                     f"{per_step}, got {self.mini_batch_size}")
+
+    def grad_accum(self, role: str) -> int:
+        """Micro-batches each replica of ``role`` (policy/critic) accumulates into one optimizer step."""
+        if self.mini_batch_size is None:
+            return 1
+        return self.mini_batch_size // (self.micro_batch_size * getattr(self, role).replicas)
+
+    @property
+    def single_update(self) -> bool:
+        """One optimizer step per batch, from the policy that sampled it, with the KL in the loss: the old
+        log-probs equal the update's own (detached), so no rollout log-prob forward is needed."""
+        return (self.ppo_epochs == 1 and self.mini_batch_size == self.rollout_batch_size
+                and self.kl_mode == "loss")
 
     @property
     def reward_specs(self) -> list[RewardFunctionSpec]:
