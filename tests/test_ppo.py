@@ -45,6 +45,8 @@ def test_ppo_config_validation_names_the_key():
         PPOConfig(zero_stage=3)
     with pytest.raises(ValueError, match=r"^policy\.replicas"):
         PPOConfig(rollout_batch_size=5, policy=RoleConfig(replicas=2))
+    with pytest.raises(ValueError, match="^async_rollout: needs rollout_engine: hf_engine"):
+        PPOConfig(async_rollout=True)
     with pytest.raises(ValueError, match="^mini_batch_size: must divide"):
         PPOConfig(rollout_batch_size=16, mini_batch_size=12)
     with pytest.raises(ValueError, match=r"^mini_batch_size: must be a multiple of micro_batch_size x policy"):
@@ -147,6 +149,45 @@ def test_single_update_skips_the_rollout_logprob_forward_and_changes_nothing(ray
     assert skipped["approx_kl"] == 0 and skipped["clip_frac"] == 0  # ratio 1: old = this update's own
     assert skipped["kl"] == pytest.approx(recomputed["kl"], abs=1e-6)  # measured by the update's forward
     assert skipped["kl_per_token"] == pytest.approx(recomputed["kl_per_token"], abs=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_rollout_engine_samples_as_the_policy_and_async_is_one_step_off(ray_cluster, tiny_models, tmp_path):
+    """hf_engine without overlap trains exactly as the policy sampling itself (same seeds, same samples, same
+    weights); with async_rollout the first batch is the same and the second was sampled by the weights before
+    the first update (the PPO ratio against them is no longer 1)."""
+    from actors.ppo.driver import PPOTrainer
+    from actors.ppo.reward_functions import load_reward_functions
+
+    lm, _ = tiny_models
+    tok, prompts = chat_prompts(lm, ["dumps", "loads", "dump", "load"])
+    first, second = ([p for p in prompts[i:i + 2] for _ in range(2)] for i in (0, 2))  # 2 prompts x group 2
+    (tmp_path / "rewards.py").write_text("def length(prompts, responses):\n"
+                                         "    return [len(r) / 10 for r in responses]\n")
+    functions = load_reward_functions(["rewards.py:length"], cwd=tmp_path)
+    config = lambda **engine: PPOConfig(
+        algorithm="grpo", iterations=2, rollout_batch_size=4, group_size=2, max_new_tokens=6, micro_batch_size=2,
+        mini_batch_size=4, actor_lr=1e-2, kl_mode="loss", kl_estimator="k3", use_reward_model=False,
+        reward_functions=["rewards.py:length"], **engine)
+    runs = {}
+    for name, engine in (("policy", {}), ("engine", {"rollout_engine": "hf_engine"}),
+                         ("async", {"rollout_engine": "hf_engine", "async_rollout": True})):
+        trainer = PPOTrainer(config(**engine), str(lm), None, pad_id=tok.pad_token_id,
+                             reward_functions=functions)
+        try:
+            steps = [trainer.step(first, second), trainer.step(second)]
+            runs[name] = steps, trainer.checksums()["policy"][0]
+        finally:
+            trainer.shutdown()
+    (policy_steps, policy_weights), (engine_steps, engine_weights) = runs["policy"], runs["engine"]
+    for a, b in zip(policy_steps, engine_steps):
+        assert a["reward_mean"] == b["reward_mean"] and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+    assert engine_weights == pytest.approx(policy_weights, rel=1e-6)
+    async_steps, _ = runs["async"]
+    assert async_steps[0]["reward_mean"] == engine_steps[0]["reward_mean"]
+    assert async_steps[0]["approx_kl"] == pytest.approx(0.0, abs=1e-9)  # sampled by the weights it updates
+    assert async_steps[1]["approx_kl"] > 1e-6 and engine_steps[1]["approx_kl"] == 0  # one update behind
 
 
 @pytest.mark.ray

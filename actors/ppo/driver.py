@@ -76,7 +76,7 @@ class PPOTrainer:
         self.cfg, self.seed, self.pad_id = cfg, seed, pad_id
         self.grpo = cfg.algorithm == "grpo"
         roles = ("policy", "reference", "reward") + (() if self.grpo else ("critic",))
-        roles += ("vllm",) if cfg.rollout_engine == "vllm" else ()
+        roles += {"hf": (), "hf_engine": ("rollout",), "vllm": ("vllm",)}[cfg.rollout_engine]
         plan = plan_placement(cfg, roles)
         wait_ready(plan)
         self.placements = plan
@@ -103,11 +103,32 @@ class PPOTrainer:
             from actors.ppo.vllm_engine import VLLMRollout
 
             self.rollout_engine = VLLMRollout(cfg, policy_dir, plan["vllm"], policy_pad_id, self.eos_id)
+        self.hf_engine = None
+        if cfg.rollout_engine == "hf_engine":
+            from actors.ppo.hf_engine import HFRollout
+
+            self.hf_engine = HFRollout(cfg, policy_dir, plan["rollout"], policy_pad_id, self.eos_id, seed)
+        self._pending: tuple[list[list[int]], list] | None = None  # async_rollout: (prompts, their refs)
 
     # --- one iteration -------------------------------------------------------------------------------------
-    def _generate(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+    def _prompt_batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
         ids, mask = pad_left(prompts, self.pad_id)
-        batch = {"prompt_ids": ids, "prompt_mask": mask}
+        return {"prompt_ids": ids, "prompt_mask": mask}
+
+    def _generate(self, prompts: list[list[int]], next_prompts: list[list[int]] | None = None
+                  ) -> dict[str, torch.Tensor]:
+        """The batch for ``prompts``; with ``async_rollout`` the one submitted last step if it was for them,
+        and ``next_prompts`` submitted now, to be sampled while this batch trains."""
+        if self.hf_engine is not None:
+            pending, self._pending = self._pending, None
+            refs = pending[1] if pending is not None and pending[0] == prompts else None
+            if refs is None:
+                refs = self.hf_engine.submit(self._prompt_batch(prompts))
+            if self.cfg.async_rollout and next_prompts is not None:
+                # Queued on each engine behind this batch and before the weights this update will push.
+                self._pending = (next_prompts, self.hf_engine.submit(self._prompt_batch(next_prompts)))
+            return self.hf_engine.collect(refs)
+        batch = self._prompt_batch(prompts)
         if self.rollout_engine is not None:
             return self.rollout_engine.generate(batch, self.policy)
         return gather(self.policy.scatter("generate", batch), self.pad_id)
@@ -171,10 +192,11 @@ class PPOTrainer:
             stats.pop("kl", None)  # measured by the driver from the rollout log-probs
         return {**stats, **(mean_stats(critic_refs) if critic_refs is not None else {})}
 
-    def step(self, prompts: list[list[int]]) -> dict[str, float]:
-        """One PPO iteration on ``prompts`` (already repeated ``group_size`` times for GRPO)."""
+    def step(self, prompts: list[list[int]], next_prompts: list[list[int]] | None = None) -> dict[str, float]:
+        """One PPO iteration on ``prompts`` (already repeated ``group_size`` times for GRPO); with
+        ``async_rollout``, ``next_prompts`` (the next iteration's) are sampled while this one trains."""
         t0 = time.perf_counter()
-        batch = self._generate(prompts)
+        batch = self._generate(prompts, next_prompts)
         t1 = time.perf_counter()
         batch.update(self._score(batch))
         t2 = time.perf_counter()
@@ -184,6 +206,8 @@ class PPOTrainer:
         t3 = time.perf_counter()
         if self.rollout_engine is not None:
             self.rollout_engine.sync_weights(self.policy)
+        if self.hf_engine is not None:  # async: queued behind the next batch's sampling, not waited for
+            self.hf_engine.sync_weights(self.policy, wait=not self.cfg.async_rollout)
         t4 = time.perf_counter()
         scores, lengths = batch["scores"], batch["response_mask"].sum(-1).float()
         parts = {k: batch[k].mean().item() for k in batch if k == "reward_model" or k.startswith("reward/")}
@@ -217,6 +241,9 @@ class PPOTrainer:
         for name, group in (("policy", self.policy), ("critic", self.critic)):
             if group is not None:
                 ray.get(group.call("load_checkpoint", str(path / name), tag))
+        if self.hf_engine is not None:  # the engines sample with the restored weights; nothing sampled before
+            self._pending = None
+            self.hf_engine.sync_weights(self.policy, wait=True)
 
     def export(self, out_dir: Path, card=None) -> None:
         import ray
@@ -232,7 +259,8 @@ class PPOTrainer:
         for group in (self.policy, self.reference, self.reward, self.critic):
             if group is not None:
                 group.kill()
-        if self.rollout_engine is not None:
-            self.rollout_engine.shutdown()
+        for engine in (self.rollout_engine, self.hf_engine):
+            if engine is not None:
+                engine.shutdown()
         for pg in {id(p.pg): p.pg for p in self.placements.values()}.values():
             remove_placement_group(pg)

@@ -154,7 +154,12 @@ class PPOConfig:
     whiten_advantages: bool = True
     reward_functions: list[str] = field(default_factory=list)  # "file.py:fn", "module:fn", "...:fn*0.5"
     use_reward_model: bool = True  # false: the reward is the functions alone (no reward model is loaded)
-    rollout_engine: Literal["hf", "vllm"] = "hf"
+    # hf: the policy replicas sample (transformers generate); hf_engine: separate actors with a copy of the
+    # weights (``rollout``), pushed after every update; vllm: vLLM engines (GPU).
+    rollout_engine: Literal["hf", "hf_engine", "vllm"] = "hf"
+    # One-step off-policy (rollout_engine hf_engine): the next batch is sampled, by the weights before the
+    # current update, while that update runs; the PPO ratio is taken against the sampling weights' log-probs.
+    async_rollout: bool = False
     vllm_engines: int = 1  # rollout_engine=vllm: engine actors (GPU recipes only)
     vllm_tensor_parallel: int = 1
     zero_stage: int = 2  # policy/critic DeepSpeed ZeRO stage; 3 would partition the weights generate needs
@@ -167,6 +172,7 @@ class PPOConfig:
     critic: RoleConfig = field(default_factory=RoleConfig)
     reward: RoleConfig = field(default_factory=RoleConfig)
     reference: RoleConfig = field(default_factory=RoleConfig)
+    rollout: RoleConfig = field(default_factory=RoleConfig)  # rollout_engine hf_engine: the engine actors
 
     def __post_init__(self) -> None:
         for name in ("iterations", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "ppo_epochs",
@@ -199,7 +205,11 @@ class PPOConfig:
         _ = self.reward_specs  # parses every entry: a bad one fails here, naming it
         if not self.use_reward_model and not self.reward_functions:
             raise ValueError("use_reward_model: false needs at least one entry in ppo.reward_functions")
-        for role in ("policy", "critic", "reward", "reference"):
+        if self.async_rollout and self.rollout_engine != "hf_engine":
+            raise ValueError(f"async_rollout: needs rollout_engine: hf_engine (engines apart from the policy, that "
+                             f"sample while it trains), got rollout_engine: {self.rollout_engine}")
+        for role in ("policy", "critic", "reward", "reference") + (("rollout",) if self.rollout_engine == "hf_engine"
+                                                                   else ()):
             replicas = getattr(self, role).replicas
             if self.rollout_batch_size % replicas:
                 raise ValueError(f"{role}.replicas: rollout_batch_size={self.rollout_batch_size} must split evenly "
