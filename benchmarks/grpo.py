@@ -8,21 +8,23 @@ in the loss, TRL's ``beta``), one optimisation pass per batch and the same numbe
 samples/s over the timed iterations (one warm-up excluded on both sides) and the ratio raylm / TRL.
 
 Both get the machine's CPUs: TRL one process (1 torch thread, and one per core; the faster counts), raylm
-its actors: by default 2 data-parallel policy replicas, each with its reference beside it, and the reward
-actor, all in the same number of Ray CPUs and at the same scheduling priority as TRL's process (Ray workers
-run at niceness 15 unless told otherwise).
+its actors, all in the same number of Ray CPUs and at the same scheduling priority as TRL's process (Ray
+workers run at niceness 15 unless told otherwise), in two layouts (``--layouts``): on-policy, 2 data-parallel
+policy replicas that sample their shards, each with its reference beside it; overlap (``ppo.async_rollout``),
+one transformers rollout engine sampling the next batch while one policy replica trains (one-step
+off-policy: a different algorithm from TRL's, so reported apart). Both have a reward actor.
 
 TRL runs in its own virtualenv that reuses this project's torch/transformers (a .pth file) and adds the pinned
 TRL release + datasets (``benchmarks/ppo.py`` keeps TRL 1.12 for PPO in another one):
 
     .venv/bin/python benchmarks/grpo.py --setup-trl      # once: ~/.cache/raylm/trl-grpo-venv (~30 s)
-    .venv/bin/python benchmarks/grpo.py                  # ~3-5 min on 2 cores
+    .venv/bin/python benchmarks/grpo.py                  # ~3 min on 2 cores
 
 Fairness settings on TRL's side (its defaults target GPUs): fp32 (``bf16=False``; bf16 is ~10x slower on this
 CPU), no gradient checkpointing (raylm's policy has none), EOS suppressed on both sides (``min_new_tokens``
-there, ``ppo.stop_at_eos=false`` here) so every response is exactly ``--response-len`` tokens. One difference
-stays: TRL accumulates the batch's micro-batches into one optimizer step, raylm steps per micro-batch (more
-optimizer work on raylm's side, and raylm computes the rollout ("old") log-probs that TRL skips when aligned).
+there, ``ppo.stop_at_eos=false`` here) so every response is exactly ``--response-len`` tokens. One optimizer
+step per batch on both sides (TRL accumulates its micro-batches; raylm ``ppo.mini_batch_size`` = the batch),
+so neither computes the rollout ("old") log-probs on-policy.
 """
 from __future__ import annotations
 

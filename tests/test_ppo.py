@@ -26,6 +26,31 @@ def test_pad_left_and_concat_pad_right():
     assert [s["scores"].tolist() for s in shards] == [[1.0], [0.0, 0.0]]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_neox"])
+def test_response_logprobs_keep_only_the_response_logits(arch):
+    """``logits_to_keep`` (the LM head over the response positions only) gives the full forward's values."""
+    import transformers
+
+    from actors.algos import logprobs_from_logits
+    from actors.ppo.rollout import response_logprobs
+    from pipelines.reward.model import position_ids
+
+    name = {"llama": "Llama", "qwen3": "Qwen3", "gpt_neox": "GPTNeoX"}[arch]
+    config = getattr(transformers, f"{name}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2,
+                                                    **({"head_dim": 16, "num_key_value_heads": 1} if arch == "qwen3" else {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    seq = torch.randint(1, 64, (3, 9))
+    mask = torch.ones_like(seq)
+    mask[1, :2] = 0  # a left-padded prompt
+    batch = {"sequences": seq, "attention_mask": mask, "response_mask": torch.ones(3, 4, dtype=torch.long)}
+    with torch.no_grad():
+        got, _ = response_logprobs(model, batch)
+        logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+    assert torch.allclose(got, logprobs_from_logits(logits[:, -5:-1], seq[:, -4:]), atol=1e-5)
+
+
 def test_prompt_sampler_is_deterministic_and_resumable():
     prompts = [[i] for i in range(5)]
     a = PromptSampler(prompts, seed=3)
