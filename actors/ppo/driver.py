@@ -108,7 +108,9 @@ class PPOTrainer:
             from actors.ppo.hf_engine import HFRollout
 
             self.hf_engine = HFRollout(cfg, policy_dir, plan["rollout"], policy_pad_id, self.eos_id, seed)
-        self._pending: tuple[list[list[int]], list] | None = None  # async_rollout: (prompts, their refs)
+        # async_rollout: (prompts, their sampling refs, their reference log-prob refs or None)
+        self._pending: tuple[list[list[int]], list, list | None] | None = None
+        self._ref_logprobs: list | None = None
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _prompt_batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -121,12 +123,16 @@ class PPOTrainer:
         and ``next_prompts`` submitted now, to be sampled while this batch trains."""
         if self.hf_engine is not None:
             pending, self._pending = self._pending, None
-            refs = pending[1] if pending is not None and pending[0] == prompts else None
+            refs, self._ref_logprobs = pending[1:] if pending is not None and pending[0] == prompts else (None, None)
             if refs is None:
                 refs = self.hf_engine.submit(self._prompt_batch(prompts))
             if self.cfg.async_rollout and next_prompts is not None:
                 # Queued on each engine behind this batch and before the weights this update will push.
-                self._pending = (next_prompts, self.hf_engine.submit(self._prompt_batch(next_prompts)))
+                next_refs = self.hf_engine.submit(self._prompt_batch(next_prompts))
+                ref_refs = None
+                if len(self.reference) == len(next_refs):  # the frozen reference scores each shard once sampled,
+                    ref_refs = [a.logprobs.remote(r) for a, r in zip(self.reference.actors, next_refs)]  # not later
+                self._pending = (next_prompts, next_refs, ref_refs)
             return self.hf_engine.collect(refs)
         batch = self._prompt_batch(prompts)
         if self.rollout_engine is not None:
@@ -139,7 +145,9 @@ class PPOTrainer:
 
         indexed = {**batch, "index": torch.arange(len(batch["sequences"]))}  # names failing samples
         reward_refs = self.reward.scatter("score", indexed)  # all three roles work at once
-        ref_refs = self.reference.scatter("logprobs", batch)
+        ref_refs, self._ref_logprobs = self._ref_logprobs, None  # async_rollout: submitted with the sampling
+        if ref_refs is None:
+            ref_refs = self.reference.scatter("logprobs", batch)
         value_refs = self.critic.scatter("values", batch) if self.critic is not None else None
         out = {"ref_logprobs": gather(ref_refs, self.pad_id)}
         if value_refs is not None:
