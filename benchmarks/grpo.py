@@ -8,21 +8,23 @@ in the loss, TRL's ``beta``), one optimisation pass per batch and the same numbe
 samples/s over the timed iterations (one warm-up excluded on both sides) and the ratio raylm / TRL.
 
 Both get the machine's CPUs: TRL one process (1 torch thread, and one per core; the faster counts), raylm
-its actors: by default 2 data-parallel policy replicas, each with its reference beside it, and the reward
-actor, all in the same number of Ray CPUs and at the same scheduling priority as TRL's process (Ray workers
-run at niceness 15 unless told otherwise).
+its actors, all in the same number of Ray CPUs and at the same scheduling priority as TRL's process (Ray
+workers run at niceness 15 unless told otherwise), in two layouts (``--layouts``): on-policy, 2 data-parallel
+policy replicas that sample their shards, each with its reference beside it; overlap (``ppo.async_rollout``),
+one transformers rollout engine sampling the next batch while one policy replica trains (one-step
+off-policy: a different algorithm from TRL's, so reported apart). Both have a reward actor.
 
 TRL runs in its own virtualenv that reuses this project's torch/transformers (a .pth file) and adds the pinned
 TRL release + datasets (``benchmarks/ppo.py`` keeps TRL 1.12 for PPO in another one):
 
     .venv/bin/python benchmarks/grpo.py --setup-trl      # once: ~/.cache/raylm/trl-grpo-venv (~30 s)
-    .venv/bin/python benchmarks/grpo.py                  # ~3-5 min on 2 cores
+    .venv/bin/python benchmarks/grpo.py                  # ~3 min on 2 cores
 
 Fairness settings on TRL's side (its defaults target GPUs): fp32 (``bf16=False``; bf16 is ~10x slower on this
 CPU), no gradient checkpointing (raylm's policy has none), EOS suppressed on both sides (``min_new_tokens``
-there, ``ppo.stop_at_eos=false`` here) so every response is exactly ``--response-len`` tokens. One difference
-stays: TRL accumulates the batch's micro-batches into one optimizer step, raylm steps per micro-batch (more
-optimizer work on raylm's side, and raylm computes the rollout ("old") log-probs that TRL skips when aligned).
+there, ``ppo.stop_at_eos=false`` here) so every response is exactly ``--response-len`` tokens. One optimizer
+step per batch on both sides (TRL accumulates its micro-batches; raylm ``ppo.mini_batch_size`` = the batch),
+so neither computes the rollout ("old") log-probs on-policy.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from benchmarks.ppo import run_trl_worker, setup_trl_env
 TRL_VERSION = "1.16.0"  # the current TRL release when this benchmark was written (2026-12-03)
 DEFAULT_TRL_ENV = Path.home() / ".cache" / "raylm" / "trl-grpo-venv"
 REWARD = "pipelines.tasks.arithmetic:correct"
+LAYOUTS = {"on-policy": False, "overlap": True}  # name -> ppo.async_rollout
 
 
 def build_model(root: Path, vocab_size: int) -> tuple[Path, list[str], list[list[int]], int]:
@@ -68,27 +71,31 @@ def build_model(root: Path, vocab_size: int) -> tuple[Path, list[str], list[list
     return root / "policy", questions, prompts, tok.pad_token_id
 
 
-def grpo_config(args):
+def grpo_config(args, overlap: bool):
     from cluster.schemas.rlhf import PPOConfig, RoleConfig
 
-    # ``--replicas`` data-parallel policy replicas, each with its reference in the same bundle, and one reward
-    # actor in a half-size bundle (it only decodes and runs a regex), all fitted into the machine's CPUs.
-    bundle = 0.999 * (os.cpu_count() or 1) / (args.replicas + 0.5)
-    return PPOConfig(policy=RoleConfig(replicas=args.replicas, num_cpus=bundle),
-                     reference=RoleConfig(replicas=args.replicas, num_cpus=bundle),
+    # On-policy: ``--replicas`` data-parallel policy replicas, each sampling its shard and with its reference in
+    # the same bundle. Overlapped: one policy replica (its reference beside it) trains while one transformers
+    # rollout engine samples the next batch (``ppo.async_rollout``). One reward actor in a half-size bundle (it
+    # only decodes and runs a regex). All fitted into the machine's CPUs.
+    replicas = 1 if overlap else args.replicas
+    bundle = 0.999 * (os.cpu_count() or 1) / (replicas + overlap + 0.5)
+    engine = {"rollout_engine": "hf_engine", "async_rollout": True, "rollout": RoleConfig(num_cpus=bundle)} if overlap else {}
+    return PPOConfig(policy=RoleConfig(replicas=replicas, num_cpus=bundle),
+                     reference=RoleConfig(replicas=replicas, num_cpus=bundle), **engine,
                      reward=RoleConfig(num_cpus=bundle / 2), algorithm="grpo", rollout_batch_size=args.batch, group_size=args.group_size,
-                     micro_batch_size=args.micro_batch, max_new_tokens=args.response_len, iterations=args.iterations,
+                     micro_batch_size=args.micro_batch, mini_batch_size=args.batch, max_new_tokens=args.response_len, iterations=args.iterations,
                      actor_lr=1e-5, stop_at_eos=False, kl_mode="loss", kl_estimator="k3", adaptive_kl=False,
                      kl_coef=args.beta, reward_functions=[REWARD], use_reward_model=False)
 
 
-def run_raylm(args, policy: Path, prompts: list[list[int]]) -> dict:
+def run_raylm(args, policy: Path, prompts: list[list[int]], overlap: bool = False) -> dict:
     from actors.ppo.driver import PPOTrainer
     from actors.ppo.reward_functions import load_reward_functions
     from cluster.recipe import RayConfig
     from cluster.runtime import init_ray
 
-    cfg = grpo_config(args)
+    cfg = grpo_config(args, overlap)
     # Ray starts its workers at niceness 15; TRL's process runs at 0. On a machine shared with other work that
     # alone starved the actors (raylm 3.6 vs TRL 15.4 samples/s under a load average of ~50): run both at 0.
     os.environ["RAY_worker_niceness"] = "0"
@@ -100,14 +107,19 @@ def run_raylm(args, policy: Path, prompts: list[list[int]]) -> dict:
         chosen = [prompts[(i * per_iter + j) % len(prompts)] for j in range(per_iter)]
         return [p for p in chosen for _ in range(args.group_size)]  # a group = consecutive samples
 
+    # As raylm's loop does: with async_rollout the next iteration's prompts go with this one's.
+    following = (lambda i: batch(i + 1) if i < args.iterations else None) if overlap else (lambda i: None)
     try:
-        trainer.step(batch(0))  # warm-up iteration (not timed), as TRL's first step is not either
+        trainer.step(batch(0), following(0))  # warm-up iteration (not timed), as TRL's first step is not either
         steps, t0 = [], time.perf_counter()
-        for i in range(args.iterations):
-            steps.append(trainer.step(batch(i + 1)))
+        for i in range(1, args.iterations + 1):
+            steps.append(trainer.step(batch(i), following(i)))
         seconds = time.perf_counter() - t0
     finally:
         trainer.shutdown()
+        import ray
+
+        ray.shutdown()  # each layout on a fresh cluster
     split = {k: sum(s[k] for s in steps) for k in ("time_generate", "time_score", "time_train", "time_sync")}
     return {"samples_per_s": args.batch * args.iterations / seconds, "seconds": seconds, **split,
             "response_len": sum(s["response_len"] for s in steps) / len(steps)}
@@ -169,12 +181,15 @@ def run_trl(args, policy: Path, questions: list[str], work: Path, threads: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=4, help="timed GRPO iterations (after one warm-up)")
+    p.add_argument("--iterations", type=int, default=12, help="timed GRPO iterations (after one warm-up)")
     p.add_argument("--batch", type=int, default=32, help="samples per iteration (prompts x group size)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--response-len", type=int, default=32)
     p.add_argument("--replicas", type=int, default=2, help="raylm's data-parallel policy (and reference) replicas")
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help="raylm layouts to run: on-policy (data-parallel policy replicas sample), overlap "
+                        "(ppo.async_rollout: a rollout engine samples the next batch while the policy trains)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3, in the loss) on both sides")
     p.add_argument("--trl-env", default=str(DEFAULT_TRL_ENV))
     p.add_argument("--trl-threads", default=f"1,{os.cpu_count() or 1}", help="torch thread counts to run TRL with")
@@ -190,8 +205,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="raylm-grpo-bench-") as tmp:
         work = Path(tmp)
         policy, questions, prompts, args.pad_id = build_model(work, vocab_size=1024)
-        ours = run_raylm(args, policy, prompts)
-        print(f"raylm: {ours['samples_per_s']:.2f} samples/s", flush=True)
+        ours = {}
+        for layout in args.layouts.split(","):
+            ours[layout] = run_raylm(args, policy, prompts, overlap=LAYOUTS[layout])
+            print(f"raylm {layout}: {ours[layout]['samples_per_s']:.2f} samples/s", flush=True)
         # TRL with 1 torch thread and with one per core by default; the faster is the baseline (on a busy
         # machine 2 spinning OpenMP threads can be much slower than 1).
         trl_runs = [run_trl(args, policy, questions, work, int(t)) for t in args.trl_threads.split(",")]
@@ -203,10 +220,11 @@ def main() -> None:
         print(f"  TRL {TRL_VERSION} GRPOTrainer, {r['threads']} torch thread(s): {r['samples_per_s']:.2f} samples/s "
               f"({r['seconds']:.1f} s)")
     print(f"  baseline = TRL with {trl['threads']} thread(s): {trl['samples_per_s']:.2f} samples/s")
-    print(f"  raylm Ray-actor GRPO:                  {ours['samples_per_s']:.2f} samples/s ({ours['seconds']:.1f} s; "
-          f"generate {ours['time_generate']:.1f} s, score {ours['time_score']:.1f} s, "
-          f"train {ours['time_train']:.1f} s, sync {ours['time_sync']:.1f} s)")
-    print(f"  ratio raylm / TRL: {ours['samples_per_s'] / trl['samples_per_s']:.2f}x")
+    for layout, r in ours.items():
+        print(f"  raylm GRPO, {layout + ':':<10} {r['samples_per_s']:.2f} samples/s ({r['seconds']:.1f} s; "
+              f"generate {r['time_generate']:.1f} s, score {r['time_score']:.1f} s, "
+              f"train {r['time_train']:.1f} s, sync {r['time_sync']:.1f} s)  "
+              f"ratio raylm / TRL: {r['samples_per_s'] / trl['samples_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

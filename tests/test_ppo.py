@@ -26,6 +26,31 @@ def test_pad_left_and_concat_pad_right():
     assert [s["scores"].tolist() for s in shards] == [[1.0], [0.0, 0.0]]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_neox"])
+def test_response_logprobs_keep_only_the_response_logits(arch):
+    """``logits_to_keep`` (the LM head over the response positions only) gives the full forward's values."""
+    import transformers
+
+    from actors.algos import logprobs_from_logits
+    from actors.ppo.rollout import response_logprobs
+    from pipelines.reward.model import position_ids
+
+    name = {"llama": "Llama", "qwen3": "Qwen3", "gpt_neox": "GPTNeoX"}[arch]
+    config = getattr(transformers, f"{name}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2,
+                                                    **({"head_dim": 16, "num_key_value_heads": 1} if arch == "qwen3" else {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    seq = torch.randint(1, 64, (3, 9))
+    mask = torch.ones_like(seq)
+    mask[1, :2] = 0  # a left-padded prompt
+    batch = {"sequences": seq, "attention_mask": mask, "response_mask": torch.ones(3, 4, dtype=torch.long)}
+    with torch.no_grad():
+        got, _ = response_logprobs(model, batch)
+        logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+    assert torch.allclose(got, logprobs_from_logits(logits[:, -5:-1], seq[:, -4:]), atol=1e-5)
+
+
 def test_prompt_sampler_is_deterministic_and_resumable():
     prompts = [[i] for i in range(5)]
     a = PromptSampler(prompts, seed=3)
@@ -45,6 +70,16 @@ def test_ppo_config_validation_names_the_key():
         PPOConfig(zero_stage=3)
     with pytest.raises(ValueError, match=r"^policy\.replicas"):
         PPOConfig(rollout_batch_size=5, policy=RoleConfig(replicas=2))
+    with pytest.raises(ValueError, match="^async_rollout: needs rollout_engine: hf_engine"):
+        PPOConfig(async_rollout=True)
+    with pytest.raises(ValueError, match="^mini_batch_size: must divide"):
+        PPOConfig(rollout_batch_size=16, mini_batch_size=12)
+    with pytest.raises(ValueError, match=r"^mini_batch_size: must be a multiple of micro_batch_size x policy"):
+        PPOConfig(rollout_batch_size=16, micro_batch_size=4, mini_batch_size=8, policy=RoleConfig(replicas=4))
+    cfg = PPOConfig(algorithm="grpo", rollout_batch_size=16, micro_batch_size=4, mini_batch_size=16,
+                    policy=RoleConfig(replicas=2), kl_mode="loss")
+    assert cfg.grad_accum("policy") == 2 and cfg.single_update
+    assert not PPOConfig(rollout_batch_size=16, mini_batch_size=16, kl_mode="reward").single_update
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +130,89 @@ def test_four_roles_two_iterations(ray_cluster, tiny_models):
     # The adaptive KL controller is on by default: both iterations report the target and the coefficient used.
     assert first["kl_target"] == second["kl_target"] == cfg.kl_target and first["kl_coef"] == cfg.kl_coef
     assert second["kl_coef"] < first["kl_coef"]  # KL 0 < target after iteration 1: the coefficient shrank
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_single_update_skips_the_rollout_logprob_forward_and_changes_nothing(ray_cluster, tiny_models, tmp_path):
+    """One update per batch (mini_batch_size = rollout_batch_size, kl in the loss): the old log-probs are the
+    update's own; the same seeded run with them computed by the rollout forward ends at the same weights."""
+    from actors.group import gather
+    from actors.ppo.driver import PPOTrainer
+    from actors.ppo.reward_functions import load_reward_functions
+
+    lm, _ = tiny_models
+    tok, prompts = chat_prompts(lm, ["dumps", "loads"])
+    prompts = [p for p in prompts for _ in range(2)]  # 2 prompts x group 2
+    # 2 replicas x micro-batch 1: each replica accumulates 2 micro-batches into the one step of the batch.
+    cfg = PPOConfig(algorithm="grpo", iterations=1, rollout_batch_size=4, group_size=2, max_new_tokens=6,
+                    micro_batch_size=1, mini_batch_size=4, actor_lr=1e-3, kl_mode="loss", kl_estimator="k3",
+                    kl_coef=0.5, adaptive_kl=False, use_reward_model=False, reward_functions=["rewards.py:length"],
+                    policy=RoleConfig(replicas=2))
+    (tmp_path / "rewards.py").write_text("def length(prompts, responses):\n"
+                                         "    return [len(r) / 10 for r in responses]\n")
+    functions = load_reward_functions(["rewards.py:length"], cwd=tmp_path)  # scores that differ in a group
+    results = []
+    for recompute in (False, True):
+        trainer = PPOTrainer(cfg, str(lm), None, pad_id=tok.pad_token_id, reward_functions=functions)
+        try:
+            if recompute:  # what the driver does without single_update, by hand
+                batch = trainer._generate(prompts)
+                assert "logprobs" not in batch
+                batch["logprobs"] = gather(trainer.policy.scatter("rollout_logprobs", batch), trainer.pad_id)
+                batch.update(trainer._score(batch))
+                stats = trainer._advantages(batch)
+                stats.update(trainer._train(batch))
+            else:
+                stats = trainer.step(prompts)
+            results.append((stats, trainer.checksums()["policy"]))
+        finally:
+            trainer.shutdown()
+    (skipped, weights), (recomputed, weights_recomputed) = results
+    assert weights[0] == pytest.approx(weights_recomputed[0], rel=1e-6)
+    assert weights[0] == pytest.approx(weights[1], rel=1e-6)  # replicas in sync after the accumulated step
+    assert skipped["approx_kl"] == 0 and skipped["clip_frac"] == 0  # ratio 1: old = this update's own
+    assert skipped["kl"] == pytest.approx(recomputed["kl"], abs=1e-6)  # measured by the update's forward
+    assert skipped["kl_per_token"] == pytest.approx(recomputed["kl_per_token"], abs=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_rollout_engine_samples_as_the_policy_and_async_is_one_step_off(ray_cluster, tiny_models, tmp_path):
+    """hf_engine without overlap trains exactly as the policy sampling itself (same seeds, same samples, same
+    weights); with async_rollout the first batch is the same and the second was sampled by the weights before
+    the first update (the PPO ratio against them is no longer 1)."""
+    from actors.ppo.driver import PPOTrainer
+    from actors.ppo.reward_functions import load_reward_functions
+
+    lm, _ = tiny_models
+    tok, prompts = chat_prompts(lm, ["dumps", "loads", "dump", "load"])
+    first, second = ([p for p in prompts[i:i + 2] for _ in range(2)] for i in (0, 2))  # 2 prompts x group 2
+    (tmp_path / "rewards.py").write_text("def length(prompts, responses):\n"
+                                         "    return [len(r) / 10 for r in responses]\n")
+    functions = load_reward_functions(["rewards.py:length"], cwd=tmp_path)
+    config = lambda **engine: PPOConfig(
+        algorithm="grpo", iterations=2, rollout_batch_size=4, group_size=2, max_new_tokens=6, micro_batch_size=2,
+        mini_batch_size=4, actor_lr=1e-2, kl_mode="loss", kl_estimator="k3", use_reward_model=False,
+        reward_functions=["rewards.py:length"], **engine)
+    runs = {}
+    for name, engine in (("policy", {}), ("engine", {"rollout_engine": "hf_engine"}),
+                         ("async", {"rollout_engine": "hf_engine", "async_rollout": True})):
+        trainer = PPOTrainer(config(**engine), str(lm), None, pad_id=tok.pad_token_id,
+                             reward_functions=functions)
+        try:
+            steps = [trainer.step(first, second), trainer.step(second)]
+            runs[name] = steps, trainer.checksums()["policy"][0]
+        finally:
+            trainer.shutdown()
+    (policy_steps, policy_weights), (engine_steps, engine_weights) = runs["policy"], runs["engine"]
+    for a, b in zip(policy_steps, engine_steps):
+        assert a["reward_mean"] == b["reward_mean"] and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+    assert engine_weights == pytest.approx(policy_weights, rel=1e-6)
+    async_steps, _ = runs["async"]
+    assert async_steps[0]["reward_mean"] == engine_steps[0]["reward_mean"]
+    assert async_steps[0]["approx_kl"] == pytest.approx(0.0, abs=1e-9)  # sampled by the weights it updates
+    assert async_steps[1]["approx_kl"] > 1e-6 and engine_steps[1]["approx_kl"] == 0  # one update behind
 
 
 @pytest.mark.ray

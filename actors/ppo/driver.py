@@ -55,12 +55,13 @@ class PromptSampler:
         self._shuffle()
 
 
-def role_config(cfg: PPOConfig, lr: float) -> dict:
+def role_config(cfg: PPOConfig, lr: float, role: str = "policy") -> dict:
     """The plain dict each role actor gets (picklable, no schema import needed in the worker)."""
     keys = ("micro_batch_size", "zero_stage", "grad_clip", "precision", "max_new_tokens", "temperature", "top_p",
-            "stop_at_eos",
+            "stop_at_eos", "single_update",
             "ppo_epochs", "clip_eps", "value_clip_eps", "kl_mode", "kl_estimator")
-    return {**{k: getattr(cfg, k) for k in keys}, "lr": lr}
+    accum = cfg.grad_accum(role) if role in ("policy", "critic") else 1
+    return {**{k: getattr(cfg, k) for k in keys}, "lr": lr, "grad_accum": accum}
 
 
 class PPOTrainer:
@@ -75,11 +76,11 @@ class PPOTrainer:
         self.cfg, self.seed, self.pad_id = cfg, seed, pad_id
         self.grpo = cfg.algorithm == "grpo"
         roles = ("policy", "reference", "reward") + (() if self.grpo else ("critic",))
-        roles += ("vllm",) if cfg.rollout_engine == "vllm" else ()
+        roles += {"hf": (), "hf_engine": ("rollout",), "vllm": ("vllm",)}[cfg.rollout_engine]
         plan = plan_placement(cfg, roles)
         wait_ready(plan)
         self.placements = plan
-        policy_cfg, critic_cfg = role_config(cfg, cfg.actor_lr), role_config(cfg, cfg.critic_lr)
+        policy_cfg, critic_cfg = role_config(cfg, cfg.actor_lr), role_config(cfg, cfg.critic_lr, "critic")
         self.policy = ActorGroup(PolicyActor, plan["policy"],
                                  lambda r, n: ((str(policy_dir), policy_cfg, r, n, seed), {}), "policy")
         self.reference = ActorGroup(ReferenceActor, plan["reference"],
@@ -102,11 +103,38 @@ class PPOTrainer:
             from actors.ppo.vllm_engine import VLLMRollout
 
             self.rollout_engine = VLLMRollout(cfg, policy_dir, plan["vllm"], policy_pad_id, self.eos_id)
+        self.hf_engine = None
+        if cfg.rollout_engine == "hf_engine":
+            from actors.ppo.hf_engine import HFRollout
+
+            self.hf_engine = HFRollout(cfg, policy_dir, plan["rollout"], policy_pad_id, self.eos_id, seed)
+        # async_rollout: (prompts, their sampling refs, their reference log-prob refs or None)
+        self._pending: tuple[list[list[int]], list, list | None] | None = None
+        self._ref_logprobs: list | None = None
 
     # --- one iteration -------------------------------------------------------------------------------------
-    def _generate(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+    def _prompt_batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
         ids, mask = pad_left(prompts, self.pad_id)
-        batch = {"prompt_ids": ids, "prompt_mask": mask}
+        return {"prompt_ids": ids, "prompt_mask": mask}
+
+    def _generate(self, prompts: list[list[int]], next_prompts: list[list[int]] | None = None
+                  ) -> dict[str, torch.Tensor]:
+        """The batch for ``prompts``; with ``async_rollout`` the one submitted last step if it was for them,
+        and ``next_prompts`` submitted now, to be sampled while this batch trains."""
+        if self.hf_engine is not None:
+            pending, self._pending = self._pending, None
+            refs, self._ref_logprobs = pending[1:] if pending is not None and pending[0] == prompts else (None, None)
+            if refs is None:
+                refs = self.hf_engine.submit(self._prompt_batch(prompts))
+            if self.cfg.async_rollout and next_prompts is not None:
+                # Queued on each engine behind this batch and before the weights this update will push.
+                next_refs = self.hf_engine.submit(self._prompt_batch(next_prompts))
+                ref_refs = None
+                if len(self.reference) == len(next_refs):  # the frozen reference scores each shard once sampled,
+                    ref_refs = [a.logprobs.remote(r) for a, r in zip(self.reference.actors, next_refs)]  # not later
+                self._pending = (next_prompts, next_refs, ref_refs)
+            return self.hf_engine.collect(refs)
+        batch = self._prompt_batch(prompts)
         if self.rollout_engine is not None:
             return self.rollout_engine.generate(batch, self.policy)
         return gather(self.policy.scatter("generate", batch), self.pad_id)
@@ -117,7 +145,9 @@ class PPOTrainer:
 
         indexed = {**batch, "index": torch.arange(len(batch["sequences"]))}  # names failing samples
         reward_refs = self.reward.scatter("score", indexed)  # all three roles work at once
-        ref_refs = self.reference.scatter("logprobs", batch)
+        ref_refs, self._ref_logprobs = self._ref_logprobs, None  # async_rollout: submitted with the sampling
+        if ref_refs is None:
+            ref_refs = self.reference.scatter("logprobs", batch)
         value_refs = self.critic.scatter("values", batch) if self.critic is not None else None
         out = {"ref_logprobs": gather(ref_refs, self.pad_id)}
         if value_refs is not None:
@@ -137,8 +167,13 @@ class PPOTrainer:
         ended = algos.has_eos(responses, mask, self.eos_id)
         scores = algos.adjust_scores(batch["scores"], ended, missing_eos_penalty=cfg.missing_eos_penalty,
                                      whiten=cfg.whiten_scores, clip=cfg.score_clip)
-        kl = algos.kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
         coef = self.kl_ctl.value if cfg.kl_mode == "reward" else 0.0
+        stats = {"truncated_frac": (~ended).float().mean().item(), "score_mean": scores.mean().item()}
+        if "logprobs" in batch:
+            kl = algos.kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
+            stats.update(kl=kl.sum(-1).mean().item(), kl_per_token=algos.masked_mean(kl, mask).item())
+        else:  # single update (kl_mode loss): no rollout log-probs; the policy measures the KL as it trains
+            kl = torch.zeros_like(mask)
         if self.grpo:
             adv = algos.grpo_advantages(scores - coef * kl.sum(-1), cfg.group_size).unsqueeze(-1) * mask
         else:
@@ -147,32 +182,40 @@ class PPOTrainer:
             if cfg.whiten_advantages:
                 adv = algos.masked_whiten(adv, mask)
         batch["advantages"] = adv
-        seq_kl = kl.sum(-1)
-        return {"kl": seq_kl.mean().item(), "kl_per_token": algos.masked_mean(kl, mask).item(),
-                "truncated_frac": (~ended).float().mean().item(), "score_mean": scores.mean().item()}
+        return stats
 
     def _train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         kl_coef = self.kl_ctl.value if self.cfg.kl_mode == "loss" else 0.0
         keys = ["sequences", "attention_mask", "response_mask", "logprobs", "advantages", "ref_logprobs"]
-        policy_refs = self.policy.scatter("train", {k: batch[k] for k in keys}, kl_coef=kl_coef)
+        policy_refs = self.policy.scatter("train", {k: batch[k] for k in keys if k in batch}, kl_coef=kl_coef)
         critic_refs = None
         if self.critic is not None:  # policy and critic train at once
             keys = ["sequences", "attention_mask", "response_mask", "values", "returns"]
             critic_refs = self.critic.scatter("train", {k: batch[k] for k in keys})
-        return {**mean_stats(policy_refs), **(mean_stats(critic_refs) if critic_refs is not None else {})}
+        stats = mean_stats(policy_refs)  # shards are equal: the mean of replica means is the batch mean
+        kl_tokens, tokens = stats.pop("kl_token_sum", None), stats.pop("response_tokens", None)
+        if "logprobs" not in batch:  # the KL to the reference, measured by the update's forward (before it steps)
+            stats["kl_per_token"] = kl_tokens / tokens
+        else:
+            stats.pop("kl", None)  # measured by the driver from the rollout log-probs
+        return {**stats, **(mean_stats(critic_refs) if critic_refs is not None else {})}
 
-    def step(self, prompts: list[list[int]]) -> dict[str, float]:
-        """One PPO iteration on ``prompts`` (already repeated ``group_size`` times for GRPO)."""
+    def step(self, prompts: list[list[int]], next_prompts: list[list[int]] | None = None) -> dict[str, float]:
+        """One PPO iteration on ``prompts`` (already repeated ``group_size`` times for GRPO); with
+        ``async_rollout``, ``next_prompts`` (the next iteration's) are sampled while this one trains."""
         t0 = time.perf_counter()
-        batch = self._generate(prompts)
+        batch = self._generate(prompts, next_prompts)
         t1 = time.perf_counter()
         batch.update(self._score(batch))
         t2 = time.perf_counter()
         kl_stats = self._advantages(batch)
         train_stats = self._train(batch)
+        kl_stats.update({k: train_stats.pop(k) for k in ("kl", "kl_per_token") if k in train_stats})
         t3 = time.perf_counter()
         if self.rollout_engine is not None:
             self.rollout_engine.sync_weights(self.policy)
+        if self.hf_engine is not None:  # async: queued behind the next batch's sampling, not waited for
+            self.hf_engine.sync_weights(self.policy, wait=not self.cfg.async_rollout)
         t4 = time.perf_counter()
         scores, lengths = batch["scores"], batch["response_mask"].sum(-1).float()
         parts = {k: batch[k].mean().item() for k in batch if k == "reward_model" or k.startswith("reward/")}
@@ -206,6 +249,9 @@ class PPOTrainer:
         for name, group in (("policy", self.policy), ("critic", self.critic)):
             if group is not None:
                 ray.get(group.call("load_checkpoint", str(path / name), tag))
+        if self.hf_engine is not None:  # the engines sample with the restored weights; nothing sampled before
+            self._pending = None
+            self.hf_engine.sync_weights(self.policy, wait=True)
 
     def export(self, out_dir: Path, card=None) -> None:
         import ray
@@ -221,7 +267,8 @@ class PPOTrainer:
         for group in (self.policy, self.reference, self.reward, self.critic):
             if group is not None:
                 group.kill()
-        if self.rollout_engine is not None:
-            self.rollout_engine.shutdown()
+        for engine in (self.rollout_engine, self.hf_engine):
+            if engine is not None:
+                engine.shutdown()
         for pg in {id(p.pg): p.pg for p in self.placements.values()}.values():
             remove_placement_group(pg)

@@ -31,17 +31,27 @@ def run_iterations(trainer: PPOTrainer, cfg: PPOConfig, prompts: list[list[int]]
         log.info("ppo: resumed from iteration %d (%s)", start, state["tag"])
     metrics = MetricsLog(Path(stage_dir))
     last: dict = {}
+
+    def take() -> list[list[int]]:
+        batch = sampler.take(prompts_per_iteration(cfg))
+        if cfg.algorithm == "grpo":
+            batch = [p for p in batch for _ in range(cfg.group_size)]  # a group = consecutive samples
+        return batch
+
     try:
+        batch = take() if start < cfg.iterations else []
         for it in range(start + 1, cfg.iterations + 1):
-            batch = sampler.take(prompts_per_iteration(cfg))
-            if cfg.algorithm == "grpo":
-                batch = [p for p in batch for _ in range(cfg.group_size)]  # a group = consecutive samples
-            last = trainer.step(batch)
+            # The sampler's state after this iteration's prompts: a checkpoint resumes at the next ones, even
+            # when (async_rollout) they were taken already, to be sampled while this iteration trains.
+            sampler_state = sampler.state()
+            next_batch = take() if cfg.async_rollout and it < cfg.iterations else None
+            last = trainer.step(batch, next_batch)
             metrics.log({"step": it, **last})
             log.info("ppo %d/%d: reward %.3f kl %.4f (%.1f samples/s)", it, cfg.iterations, last["reward_mean"],
                      last["kl"], last["samples_per_s"])
             if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
-                checkpoints.save(trainer, it, {"sampler": sampler.state(), "kl_coef": trainer.kl_ctl.value})
+                checkpoints.save(trainer, it, {"sampler": sampler_state, "kl_coef": trainer.kl_ctl.value})
+            batch = next_batch if next_batch is not None else (take() if it < cfg.iterations else [])
     finally:
         metrics.close()
     return {"resumed_from": start, "iterations": cfg.iterations, "last": last}

@@ -68,7 +68,8 @@ class _TrainableRole:
         cfg = self.cfg
         # The training stages' builder: the same DeepSpeed config derivation and client AdamW; a constant LR.
         ds_config = deepspeed_config(micro_batch_size=cfg["micro_batch_size"], data_parallel=self.world_size,
-                                     grad_clip=cfg["grad_clip"], zero_stage=cfg["zero_stage"],
+                                     grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"],
+                                     zero_stage=cfg["zero_stage"],
                                      precision=cfg["precision"], on_gpu=torch.cuda.is_available())
         self.engine = initialize(model, ds_config, lr=cfg["lr"], weight_decay=0.0, on_gpu=torch.cuda.is_available())
 
@@ -121,7 +122,7 @@ class PolicyActor(_TrainableRole):
 
     def generate(self, prompts: Batch) -> Batch:
         """Sample responses to left-padded ``prompt_ids``/``prompt_mask``, then score them under this
-        (pre-update) policy: the PPO "old" log-probs."""
+        (pre-update) policy: the PPO "old" log-probs (not with ``single_update``: the update computes them)."""
         cfg, model = self.cfg, self.engine.module
         prompts = _to(prompts, _device())
         out = rollout.generate(model, prompts["prompt_ids"], prompts["prompt_mask"], pad_id=self.pad_id,
@@ -129,7 +130,8 @@ class PolicyActor(_TrainableRole):
                                temperature=cfg["temperature"], top_p=cfg["top_p"],
                                stop_at_eos=cfg["stop_at_eos"])
         out = _cpu(out)
-        out["logprobs"] = self.rollout_logprobs(out)
+        if not cfg["single_update"]:
+            out["logprobs"] = self.rollout_logprobs(out)
         return out
 
     def special_ids(self) -> tuple[int, int]:
@@ -145,28 +147,46 @@ class PolicyActor(_TrainableRole):
         return logprobs.cpu()
 
     def train(self, batch: Batch, kl_coef: float = 0.0) -> dict[str, float]:
-        """``ppo_epochs`` passes of clipped-surrogate steps over this replica's shard, one step per micro-batch."""
+        """``ppo_epochs`` passes of clipped-surrogate steps over this replica's shard: backward per micro-batch,
+        an optimizer step every ``grad_accum`` of them (DeepSpeed counts the micro-steps). Without rollout
+        log-probs in ``batch`` (``single_update``) the old log-probs are this pass's own, detached: the ratio is
+        1 and its gradient the policy gradient, as in TRL's GRPO with one update per batch. With the KL in the
+        loss, also the first pass's KL to the reference: the batch's KL before this update."""
         cfg, stats = self.cfg, {"policy_loss": [], "clip_frac": [], "approx_kl": [], "entropy": []}
+        kl_seq, kl_tokens, tokens = [], 0.0, 0.0
         self.engine.train()
-        for _ in range(cfg["ppo_epochs"]):
+        for epoch in range(cfg["ppo_epochs"]):
             for mb in rollout.micro_batches(_to(batch, self.engine.device), cfg["micro_batch_size"]):
                 mask = mb["response_mask"].float()
                 logprobs, entropy = rollout.response_logprobs(self.engine, mb, cfg["temperature"], with_entropy=True)
-                loss, s = algos.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cfg["clip_eps"])
+                old = mb["logprobs"] if "logprobs" in mb else logprobs.detach()
+                loss, s = algos.policy_loss(logprobs, old, mb["advantages"], mask, cfg["clip_eps"])
                 if cfg["kl_mode"] == "loss":  # KL to the reference as a loss term instead of a reward penalty
                     kl = algos.kl_estimate(logprobs, mb["ref_logprobs"], cfg["kl_estimator"])
                     loss = loss + kl_coef * algos.masked_mean(kl, mask)
+                    if epoch == 0:
+                        masked_kl = kl.detach() * mask
+                        kl_seq += masked_kl.sum(-1).tolist()
+                        kl_tokens, tokens = kl_tokens + masked_kl.sum().item(), tokens + mask.sum().item()
                 self.engine.backward(loss)
                 self.engine.step()
                 stats["policy_loss"].append(loss.item())
                 stats["clip_frac"].append(s["clip_frac"].item())
                 stats["approx_kl"].append(s["approx_kl"].item())
                 stats["entropy"].append(algos.masked_mean(entropy.detach(), mask).item())
-        return {k: _mean(v) for k, v in stats.items()}
+        out = {k: _mean(v) for k, v in stats.items()}
+        if kl_seq:
+            out.update(kl=_mean(kl_seq), kl_token_sum=kl_tokens, response_tokens=tokens)
+        return out
 
-    def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
-        """All weights in one dict (one object-store put) for rollout engines outside this process."""
-        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+    def state_dict_for_sync(self, as_numpy: bool = False) -> dict[str, Any]:
+        """All weights in one dict (one object-store put) for rollout engines outside this process. ``as_numpy``:
+        numpy arrays where the dtype allows, which Ray stores without pickling (measured with the benchmark's
+        tiny policy on a busy 2-core machine: the put of torch tensors held this actor ~160 ms per push)."""
+        state = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+        if as_numpy:
+            state = {k: v.numpy() if v.dtype != torch.bfloat16 else v for k, v in state.items()}
+        return state
 
 
 class CriticActor(_TrainableRole):

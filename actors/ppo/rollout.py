@@ -6,6 +6,8 @@ quantities (``logprobs``, ``values``, ``advantages`` ...) are ``[B, R]``, aligne
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -52,12 +54,22 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, pad_
             "response_mask": resp_mask}
 
 
+def _keeps_logits(model) -> bool:
+    """Whether the causal LM (or the one a DeepSpeed engine wraps) takes ``logits_to_keep``."""
+    forward = getattr(model, "module", model).forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
 def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(response token | prefix) under ``model`` ([B, R]); with the per-token entropy if asked."""
     seq, mask = batch["sequences"], batch["attention_mask"]
     r = batch["response_mask"].shape[1]
-    logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+    # Only the last r + 1 positions' logits (transformers' ``logits_to_keep``): the LM head and log-softmax
+    # over the prompt positions would be thrown away (large vocabularies, long prompts; same values, tested).
+    keep = {"logits_to_keep": r + 1} if _keeps_logits(model) else {}
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                   **keep).logits
     logits = logits[:, -r - 1:-1] / temperature  # position t predicts token t + 1
     logprobs = logprobs_from_logits(logits, seq[:, -r:])
     return logprobs, (entropy_from_logits(logits) if with_entropy else None)

@@ -129,7 +129,12 @@ class PPOConfig:
     stop_at_eos: bool = True  # false: every response is max_new_tokens long (EOS suppressed; benchmarks)
     top_p: float = 1.0
     ppo_epochs: int = 1
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # rows per forward/backward on each policy/critic replica
+    # Samples per optimizer step over all replicas (micro-batches accumulate, TRL's gradient_accumulation_steps,
+    # verl's ppo_mini_batch_size); None: one step per micro-batch on each replica (micro_batch_size x replicas).
+    # = rollout_batch_size with ppo_epochs 1 and kl_mode loss: one update per batch, taken from the rollout's
+    # own policy, so the rollout log-prob forward is skipped (old log-probs = the update's, detached).
+    mini_batch_size: int | None = None
     actor_lr: float = 1e-5
     critic_lr: float = 5e-5
     clip_eps: float = 0.2
@@ -149,7 +154,12 @@ class PPOConfig:
     whiten_advantages: bool = True
     reward_functions: list[str] = field(default_factory=list)  # "file.py:fn", "module:fn", "...:fn*0.5"
     use_reward_model: bool = True  # false: the reward is the functions alone (no reward model is loaded)
-    rollout_engine: Literal["hf", "vllm"] = "hf"
+    # hf: the policy replicas sample (transformers generate); hf_engine: separate actors with a copy of the
+    # weights (``rollout``), pushed after every update; vllm: vLLM engines (GPU).
+    rollout_engine: Literal["hf", "hf_engine", "vllm"] = "hf"
+    # One-step off-policy (rollout_engine hf_engine): the next batch is sampled, by the weights before the
+    # current update, while that update runs; the PPO ratio is taken against the sampling weights' log-probs.
+    async_rollout: bool = False
     vllm_engines: int = 1  # rollout_engine=vllm: engine actors (GPU recipes only)
     vllm_tensor_parallel: int = 1
     zero_stage: int = 2  # policy/critic DeepSpeed ZeRO stage; 3 would partition the weights generate needs
@@ -162,6 +172,7 @@ class PPOConfig:
     critic: RoleConfig = field(default_factory=RoleConfig)
     reward: RoleConfig = field(default_factory=RoleConfig)
     reference: RoleConfig = field(default_factory=RoleConfig)
+    rollout: RoleConfig = field(default_factory=RoleConfig)  # rollout_engine hf_engine: the engine actors
 
     def __post_init__(self) -> None:
         for name in ("iterations", "rollout_batch_size", "max_prompt_len", "max_new_tokens", "ppo_epochs",
@@ -194,11 +205,37 @@ class PPOConfig:
         _ = self.reward_specs  # parses every entry: a bad one fails here, naming it
         if not self.use_reward_model and not self.reward_functions:
             raise ValueError("use_reward_model: false needs at least one entry in ppo.reward_functions")
-        for role in ("policy", "critic", "reward", "reference"):
+        if self.async_rollout and self.rollout_engine != "hf_engine":
+            raise ValueError(f"async_rollout: needs rollout_engine: hf_engine (engines apart from the policy, that "
+                             f"sample while it trains), got rollout_engine: {self.rollout_engine}")
+        for role in ("policy", "critic", "reward", "reference") + (("rollout",) if self.rollout_engine == "hf_engine"
+                                                                   else ()):
             replicas = getattr(self, role).replicas
             if self.rollout_batch_size % replicas:
                 raise ValueError(f"{role}.replicas: rollout_batch_size={self.rollout_batch_size} must split evenly "
                                  f"over {replicas} replicas")
+        if self.mini_batch_size is not None:
+            if self.mini_batch_size < 1 or self.rollout_batch_size % self.mini_batch_size:
+                raise ValueError(f"mini_batch_size: must divide rollout_batch_size={self.rollout_batch_size}, got "
+                                 f"{self.mini_batch_size}")
+            for role in ("policy",) + (("critic",) if self.algorithm == "ppo" else ()):
+                per_step = self.micro_batch_size * getattr(self, role).replicas
+                if self.mini_batch_size % per_step:
+                    raise ValueError(f"mini_batch_size: must be a multiple of micro_batch_size x {role}.replicas = "
+                                     f"{per_step}, got {self.mini_batch_size}")
+
+    def grad_accum(self, role: str) -> int:
+        """Micro-batches each replica of ``role`` (policy/critic) accumulates into one optimizer step."""
+        if self.mini_batch_size is None:
+            return 1
+        return self.mini_batch_size // (self.micro_batch_size * getattr(self, role).replicas)
+
+    @property
+    def single_update(self) -> bool:
+        """One optimizer step per batch, from the policy that sampled it, with the KL in the loss: the old
+        log-probs equal the update's own (detached), so no rollout log-prob forward is needed."""
+        return (self.ppo_epochs == 1 and self.mini_batch_size == self.rollout_batch_size
+                and self.kl_mode == "loss")
 
     @property
     def reward_specs(self) -> list[RewardFunctionSpec]:
