@@ -190,3 +190,28 @@ def test_sft_zero3_two_workers_non_llama(ray_cluster, foreign, tmp_path):
     assert type(trained).__name__ == "GPTNeoXForCausalLM"
     assert all(a.shape == b.shape for a, b in zip(trained.parameters(), base.parameters()))  # whole, not shards
     assert any((a - b).abs().max() > 0 for a, b in zip(trained.parameters(), base.parameters()))
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, foreign):
+    """``--model org/name`` is a hub id that transformers resolves: from the Hugging Face cache when offline (how
+    a cluster without internet uses a model fetched beforehand). Laid out here as ``huggingface_hub`` stores a
+    download; run in a fresh interpreter because the hub reads its cache location at import."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--raylm-test--tiny-qwen3"
+    shutil.copytree(foreign["qwen3"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = ("from pipelines.hf_models import check_base_model, load_causal_lm\n"
+            "ref = check_base_model('raylm-test/tiny-qwen3', 'sft.base_model', 128, 'sft.max_len')\n"
+            "print(ref, type(load_causal_lm(ref)).__name__)\n"
+            "check_base_model('raylm-test/not-fetched', 'sft.base_model', 128, 'sft.max_len')\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.split() == ["raylm-test/tiny-qwen3", "Qwen3ForCausalLM"], done.stderr
+    assert "ValueError: sft.base_model: raylm-test/not-fetched: transformers cannot read its config" in done.stderr
