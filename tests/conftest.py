@@ -11,6 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Serve's direct ingress (on with RAY_SERVE_THROUGHPUT_OPTIMIZED, cluster/runtime.py) keeps an ingress replica
+# draining for at least 30 s before it stops, so that proxies on other nodes stop routing to it first: every
+# serve.shutdown() in the tests waited those 30 s (a dozen times a session). One node here: 1 s. Set before the
+# session cluster starts, so its raylet, and through it the Serve controller and replicas, inherit it.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 @pytest.fixture(scope="session")
