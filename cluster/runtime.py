@@ -44,7 +44,7 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
     return dict(HAPROXY_ENV if ingress == "haproxy" else SERVE_PROXY_ENV)
 
 
-def _set_local_serve_ingress(ingress: str) -> None:
+def export_serve_ingress_env(ingress: str) -> None:
     """Export the Serve ingress env for the local cluster this process starts (its processes inherit the
     driver's environment); what the user exported already wins."""
     for key, value in serve_ingress_env(ingress).items():
@@ -151,7 +151,7 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
             local["num_gpus"] = cfg.num_gpus
         if cfg.object_store_memory_mb:
             local["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
-        _set_local_serve_ingress(cfg.serve_ingress)
+        export_serve_ingress_env(cfg.serve_ingress)
         # address="local": never join a stale cluster left in /tmp/ray by a killed run.
         with node_ip_on_loopback():
             ray.init(address="local", runtime_env=project_runtime_env(storage="all"), **kwargs, **local)
