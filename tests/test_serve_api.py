@@ -76,7 +76,7 @@ async def _load(base: str, n: int, concurrency: int, max_tokens: int, done: list
                 try:
                     try:
                         r = await http.post("/completions", json=body)
-                    except httpx.TransportError:
+                    except (httpx.NetworkError, httpx.RemoteProtocolError):  # closed, not timed out
                         if not resend_dropped:
                             raise
                         await asyncio.sleep(0.5)  # the client's back-off before its resend, not a wait in the test
