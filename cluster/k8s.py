@@ -24,7 +24,7 @@ import yaml
 from cluster.config import ConfigError, atomic_write_text
 from cluster.kuberay_rules import kuberay_errors
 from cluster.recipe import PROJECT_ROOT, Recipe, load_recipe
-from cluster.runtime import WORKER_ENV
+from cluster.runtime import WORKER_ENV, serve_ingress_env
 from cluster.schemas.serve import ServeConfig
 
 RAY_VERSION = "2.60.0"
@@ -139,8 +139,9 @@ def _resources(shape: PodShape) -> dict:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _container(name: str, shape: PodShape, ports: list[tuple[str, int]], serve: bool) -> dict:
-    env = [{"name": k, "value": v} for k, v in sorted(WORKER_ENV.items())]
+def _container(name: str, shape: PodShape, ports: list[tuple[str, int]], serve: bool,
+               extra_env: dict[str, str]) -> dict:
+    env = [{"name": k, "value": v} for k, v in sorted({**WORKER_ENV, **extra_env}.items())]
     env += [{"name": "HOME", "value": "/tmp/home"},  # the root filesystem is read-only
             {"name": "TORCH_EXTENSIONS_DIR", "value": "/tmp/torch_extensions"}]
     container = {
@@ -163,13 +164,13 @@ def _container(name: str, shape: PodShape, ports: list[tuple[str, int]], serve: 
 
 
 def pod_template(name: str, shape: PodShape, ports: list[tuple[str, int]], *, head: bool,
-                 serve: bool = False) -> dict:
+                 serve: bool = False, extra_env: dict[str, str] | None = None) -> dict:
     spec = {
         # The head runs the in-tree autoscaler sidecar, which needs the service account token.
         "automountServiceAccountToken": head,
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "fsGroup": UID,
                             "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [_container(name, shape, ports, serve)],
+        "containers": [_container(name, shape, ports, serve, extra_env or {})],
         "volumes": [
             {"name": "runs", "persistentVolumeClaim": {"claimName": RUNS_CLAIM}},
             {"name": "tmp", "emptyDir": {"sizeLimit": f"{_tmp_size_gi(shape)}Gi"}},
@@ -204,6 +205,8 @@ def ray_cluster_spec(recipe: Recipe, profile: Profile, *, serve: bool = False, a
         need = scaling.min_replicas * (shape.num_gpus or shape.num_cpus)
         low, high = sizes[group]
         sizes[group] = (min(pods_needed(need, per_pod), high), high)
+    # the RayService's Serve ingress (recipe ray.serve_ingress), read by Serve from every Ray pod's environment
+    ingress_env = serve_ingress_env(recipe.ray.serve_ingress) if serve else {}
     groups = []
     for group, shape in (("cpu", profile.cpu_worker), ("gpu", profile.gpu_worker)):
         low, high = sizes[group]
@@ -213,7 +216,8 @@ def ray_cluster_spec(recipe: Recipe, profile: Profile, *, serve: bool = False, a
             continue  # a RayJob/RayService of a CPU-only recipe gets no GPU group
         ports = [("serve", SERVE_PORT)] if serve else []
         groups.append({"groupName": f"{group}-workers", "replicas": low, "minReplicas": low, "maxReplicas": high,
-                       "rayStartParams": {}, "template": pod_template("ray-worker", shape, ports, head=False, serve=serve)})
+                       "rayStartParams": {}, "template": pod_template("ray-worker", shape, ports, head=False,
+                                                                      serve=serve, extra_env=ingress_env)})
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
@@ -223,7 +227,8 @@ def ray_cluster_spec(recipe: Recipe, profile: Profile, *, serve: bool = False, a
         "headGroupSpec": {
             # num-cpus 0: no tasks on the head, so a busy stage never starves the GCS/dashboard.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": pod_template("ray-head", profile.head, head_ports, head=True, serve=serve),
+            "template": pod_template("ray-head", profile.head, head_ports, head=True, serve=serve,
+                                     extra_env=ingress_env),
         },
         "workerGroupSpecs": groups,
     }

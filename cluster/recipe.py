@@ -25,6 +25,11 @@ class RayConfig:
     num_cpus: int | None = None  # local cluster size; None: the machine's cores
     num_gpus: int | None = None
     object_store_memory_mb: int | None = None
+    # Serve's HTTP ingress on the clusters raylm starts (local, and the KubeRay RayService pods): "haproxy", Ray
+    # Serve's HAProxy ingress (HAProxy forwards each request to a replica, which serves it itself: 1.4x the
+    # tokens/s of Serve's Python proxy at c16, docs/serving.md), or "proxy", Serve's Python proxy. An exported
+    # RAY_SERVE_ENABLE_HA_PROXY (0 or 1) wins over this for a local cluster.
+    serve_ingress: Literal["haproxy", "proxy"] = "haproxy"
 
 
 @dataclass(kw_only=True)

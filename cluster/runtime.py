@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +26,39 @@ WORKER_ENV = {
     # ingress, engine): 1.09 ms of CPU per output token against 1.58-1.75 without it (docs/serving.md).
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
 }
+
+# Ray Serve's HAProxy ingress (recipe ray.serve_ingress), read by the Serve controller, proxies and replicas from
+# their process environment: set on the pods (cluster/k8s.py) or inherited from the driver that starts a local
+# cluster. Health checks every 1 s (Ray's default: 5 s) so a dead replica leaves the backend within ~1-2 s.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER": "1s"}
+SERVE_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+# Ports Serve's HAProxy mode binds at fixed numbers on every node (stats page, Prometheus exporter, the head's
+# fallback Serve proxy and its gRPC port): a second local cluster on the same machine would fail to start its
+# HAProxy. A local cluster takes free ones.
+HAPROXY_FIXED_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                       "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def serve_ingress_env(ingress: str) -> dict[str, str]:
+    """The process environment of a cluster whose Serve ingress is ``ingress`` ("haproxy" or "proxy")."""
+    return dict(HAPROXY_ENV if ingress == "haproxy" else SERVE_PROXY_ENV)
+
+
+def export_serve_ingress_env(ingress: str) -> None:
+    """Export the Serve ingress env for the local cluster this process starts (its processes inherit the
+    driver's environment); what the user exported already wins."""
+    for key, value in serve_ingress_env(ingress).items():
+        os.environ.setdefault(key, value)
+    if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        for key in HAPROXY_FIXED_PORTS:
+            os.environ.setdefault(key, str(_free_port()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 _logging_done = False
 
@@ -117,6 +151,7 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, quiet: bo
             local["num_gpus"] = cfg.num_gpus
         if cfg.object_store_memory_mb:
             local["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+        export_serve_ingress_env(cfg.serve_ingress)
         # address="local": never join a stale cluster left in /tmp/ray by a killed run.
         with node_ip_on_loopback():
             ray.init(address="local", runtime_env=project_runtime_env(storage="all"), **kwargs, **local)

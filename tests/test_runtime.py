@@ -75,3 +75,21 @@ def test_a_stage_without_the_owners_runtime_fails_at_once(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 1
     assert "RuntimeError: Ray is not started: run stages through `raylm`" in res.stderr
+
+
+def test_a_local_cluster_gets_haproxy_unless_the_user_exported_otherwise(monkeypatch):
+    from cluster.runtime import HAPROXY_FIXED_PORTS, export_serve_ingress_env
+
+    for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER", *HAPROXY_FIXED_PORTS):
+        monkeypatch.delenv(key, raising=False)
+    export_serve_ingress_env("haproxy")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    ports = {int(os.environ[key]) for key in HAPROXY_FIXED_PORTS}  # free ones, not Serve's fixed 8404/9101/...
+    assert len(ports) == len(HAPROXY_FIXED_PORTS) and not ports & {8404, 9101, 8500, 9500}
+
+    for key in HAPROXY_FIXED_PORTS:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # exported by the user: wins over the recipe
+    export_serve_ingress_env("haproxy")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert not any(key in os.environ for key in HAPROXY_FIXED_PORTS)
