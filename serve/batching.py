@@ -120,7 +120,7 @@ class RunningBatch:
             if key in cancelled:
                 continue
             try:
-                delta = row.next(logits[i], e.eos_ids, e.decode, best[i])
+                delta = row.next(logits[i], e.eos_ids, best[i])
             except Exception as exc:  # noqa: BLE001 - this row's failure is this row's alone
                 out.append((key, exc))
                 continue
