@@ -145,7 +145,6 @@ class RunningBatch:
         fwd = e.model(input_ids=tokens, attention_mask=e.decode_mask(self.mask), position_ids=self.last_pos[:, None],
                       past_key_values=self.cache, use_cache=True)
         self.cache, self.logits = fwd.past_key_values, fwd.logits[:, -1, :]
-        self._trim()
 
     def _select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.engine.device)
@@ -153,9 +152,10 @@ class RunningBatch:
         self.mask, self.last_pos, self.logits = self.mask[index], self.last_pos[index], self.logits[index]
         self.keys = [self.keys[i] for i in keep]
         self.rows = [self.rows[i] for i in keep]
+        self._trim()
 
     def _trim(self) -> None:
-        """Drop leading columns that are padding for every row (left behind by rows that left)."""
+        """Drop leading columns that are padding for every row: only rows that leave leave such columns behind."""
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
         if start > 0:
