@@ -6,7 +6,7 @@ So a request never waits for a whole batch to finish, only for the step in progr
 RunningBatch in a background thread and streams each request's deltas through a callback.
 
 Isolation: whatever one request brings (a bad prompt, parameters that fail its sampling) fails that request
-alone. ``add`` changes nothing until every new row is built and prefilled, and ``step`` samples each row on its
+alone. ``add`` changes nothing until every new row is built and prefilled, and ``sample`` samples each row on its
 own, so one row's error never shifts or fails the others.
 
 transformers has no continuous batching for its default (DynamicCache) path with per-request sampling, hence
@@ -100,12 +100,6 @@ class RunningBatch:
         self.rows += [rows[i] for i in keep]
         return done
 
-    def step(self, cancelled: set | frozenset = frozenset()) -> list[tuple[Hashable, Delta | Exception]]:
-        """``sample`` then ``forward``: one token for every row, and the batch ready for the next step."""
-        out = self.sample(cancelled)
-        self.forward()
-        return out
-
     @torch.inference_mode()
     def sample(self, cancelled: set | frozenset = frozenset()) -> list[tuple[Hashable, Delta | Exception]]:
         """Sample one token for every row from the last forward's logits and drop finished/cancelled/failed rows.
@@ -175,8 +169,9 @@ def generate(engine: Engine, prompts: list[list[int]], params: list[SamplingPara
         yield first
     while len(batch):
         step: list = [None] * len(prompts)
-        for i, delta in batch.step():
+        for i, delta in batch.sample():
             step[i] = delta
+        batch.forward()
         yield step
 
 
