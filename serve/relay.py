@@ -119,6 +119,7 @@ class Relay:
                     out.append(oa.sse(oa.chat_chunk(self.rid, self.model, [first])))
                 elif c.echo:
                     out.append(self._chunk(c, c.echo, None, [], 0))
+            await asyncio.sleep(0)  # each pump queues its choice's first delta (already fetched): it joins the role
             running = len(tasks)
             while running:
                 if out and queue.empty():
