@@ -6,7 +6,7 @@ So a request never waits for a whole batch to finish, only for the step in progr
 RunningBatch in a background thread and streams each request's deltas through a callback.
 
 Isolation: whatever one request brings (a bad prompt, parameters that fail its sampling) fails that request
-alone. ``add`` changes nothing until every new row is built and prefilled, and ``step`` samples each row on its
+alone. ``add`` changes nothing until every new row is built and prefilled, and ``sample`` samples each row on its
 own, so one row's error never shifts or fails the others.
 
 transformers has no continuous batching for its default (DynamicCache) path with per-request sampling, hence
@@ -100,12 +100,6 @@ class RunningBatch:
         self.rows += [rows[i] for i in keep]
         return done
 
-    def step(self, cancelled: set | frozenset = frozenset()) -> list[tuple[Hashable, Delta | Exception]]:
-        """``sample`` then ``forward``: one token for every row, and the batch ready for the next step."""
-        out = self.sample(cancelled)
-        self.forward()
-        return out
-
     @torch.inference_mode()
     def sample(self, cancelled: set | frozenset = frozenset()) -> list[tuple[Hashable, Delta | Exception]]:
         """Sample one token for every row from the last forward's logits and drop finished/cancelled/failed rows.
@@ -120,7 +114,7 @@ class RunningBatch:
             if key in cancelled:
                 continue
             try:
-                delta = row.next(logits[i], e.eos_ids, e.decode, best[i])
+                delta = row.next(logits[i], e.eos_ids, best[i])
             except Exception as exc:  # noqa: BLE001 - this row's failure is this row's alone
                 out.append((key, exc))
                 continue
@@ -145,7 +139,6 @@ class RunningBatch:
         fwd = e.model(input_ids=tokens, attention_mask=e.decode_mask(self.mask), position_ids=self.last_pos[:, None],
                       past_key_values=self.cache, use_cache=True)
         self.cache, self.logits = fwd.past_key_values, fwd.logits[:, -1, :]
-        self._trim()
 
     def _select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.engine.device)
@@ -153,9 +146,10 @@ class RunningBatch:
         self.mask, self.last_pos, self.logits = self.mask[index], self.last_pos[index], self.logits[index]
         self.keys = [self.keys[i] for i in keep]
         self.rows = [self.rows[i] for i in keep]
+        self._trim()
 
     def _trim(self) -> None:
-        """Drop leading columns that are padding for every row (left behind by rows that left)."""
+        """Drop leading columns that are padding for every row: only rows that leave leave such columns behind."""
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
         if start > 0:
@@ -175,8 +169,9 @@ def generate(engine: Engine, prompts: list[list[int]], params: list[SamplingPara
         yield first
     while len(batch):
         step: list = [None] * len(prompts)
-        for i, delta in batch.step():
+        for i, delta in batch.sample():
             step[i] = delta
+        batch.forward()
         yield step
 
 

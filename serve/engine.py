@@ -95,19 +95,50 @@ def check_cache_layers(config, model_dir) -> None:
 
 # ---- per-request decoding state -------------------------------------------------------------------------------
 
+class TextStream:
+    """A row's generated text, one token at a time. With a fast tokenizer (and no clean-up of spaces, which only a
+    whole decode applies), tokenizers' own ``DecodeStream`` adds each token's text: ~0.5 us a token, where decoding
+    the row's whole history again cost ~6 us at 30 tokens (16 rows a step). It withholds a trailing incomplete UTF-8
+    sequence, as a whole decode's trailing U+FFFD is withheld. Other tokenizers decode the whole history."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+        from tokenizers.decoders import DecodeStream
+
+        self.ids: list[int] = []
+        self.text = ""
+        self.tokenizer = tokenizer
+        fast = getattr(tokenizer, "_tokenizer", None)
+        if isinstance(fast, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self.fast, self.stream = fast, DecodeStream(skip_special_tokens=True)
+        else:
+            self.fast = self.stream = None
+
+    def push(self, token: int) -> str:
+        """Take the next token; return the whole text so far."""
+        self.ids.append(token)
+        if self.stream is None:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        else:
+            self.text += self.stream.step(self.fast, token) or ""
+        return self.text
+
+
 class Row:
     """One request's decoding state. Building it cannot touch a batch, so a bad request fails alone."""
 
-    def __init__(self, params: SamplingParams, budget: int, prompt_logprobs: list[TokenLogprob] | None = None):
+    def __init__(self, params: SamplingParams, budget: int, text: TextStream,
+                 prompt_logprobs: list[TokenLogprob] | None = None):
         self.params = params
         self.budget = budget  # max new tokens for this row (its max_tokens, capped by the model's context)
-        self.ids: list[int] = []
+        self.text = text  # its ids are the tokens generated so far
+        self.ids = text.ids
         self.emitted = 0  # chars of decoded text already sent
         self.prompt_logprobs = prompt_logprobs  # sent with the first delta
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed % 2**64)  # any int maps into what torch accepts
 
-    def next(self, logits: torch.Tensor, eos_ids: set[int], decode, best: int | None = None) -> Delta:
+    def next(self, logits: torch.Tensor, eos_ids: set[int], best: int | None = None) -> Delta:
         """Sample this row's next token from its logits (on the CPU: each row has its own CPU generator).
         ``best``: the row's argmax, when the caller took it for the whole batch at once (greedy rows use it)."""
         greedy = best is not None and self.params.temperature < GREEDY_BELOW
@@ -116,18 +147,17 @@ class Row:
         if self.params.logprobs is not None:  # EOS ends the text and is not part of it: no entry
             ends = token in eos_ids and not self.params.ignore_eos
             logprobs = [] if ends else [token_logprob(logits, token, self.params.logprobs)]
-        delta = self.advance(token, eos_ids, decode)
+        delta = self.advance(token, eos_ids)
         delta.logprobs = logprobs
         if self.prompt_logprobs is not None:
             delta.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return delta
 
-    def advance(self, token: int, eos_ids: set[int], decode) -> Delta:
+    def advance(self, token: int, eos_ids: set[int]) -> Delta:
         """Take one sampled token; return the text it made safe to send and whether the row is done."""
         if token in eos_ids and not self.params.ignore_eos:
-            return self._finish(decode(self.ids), "stop")
-        self.ids.append(token)
-        text = decode(self.ids)
+            return self._finish(self.text.text, "stop")
+        text = self.text.push(token)
         stop_at = find_stop(text, self.params.stop, max(0, self.emitted - max(map(len, self.params.stop), default=0)))
         if stop_at is not None:
             return self._finish(text[:stop_at], "stop")
@@ -205,4 +235,4 @@ class Engine:
     def new_row(self, prompt: list[int], params: SamplingParams) -> Row:
         """Check one request and build its decoding state (raises RequestError for this request only)."""
         self.check_prompt(prompt)
-        return Row(params, max(1, min(params.max_tokens, self.max_context - len(prompt))))
+        return Row(params, max(1, min(params.max_tokens, self.max_context - len(prompt))), TextStream(self.tokenizer))

@@ -95,7 +95,9 @@ class Relay:
         return oa.sse(oa.completion_chunk(self.rid, self.model, [choice]))
 
     async def sse(self) -> AsyncIterator[str]:
-        """Chunks of all choices as they come; an engine error after the headers travels as an error event."""
+        """Chunks of all choices as they come; an engine error after the headers travels as an error event. Chunks
+        ready together go out as one write (the role chunk with the first text; the last one with usage and
+        [DONE]): each write crosses the ASGI stack, ~1/10 of a loaded replica's event-loop time at c16."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(c: Choice) -> None:
@@ -108,37 +110,42 @@ class Relay:
 
         tasks = [asyncio.create_task(pump(c)) for c in self.choices]
         offsets = {c.index: 0 for c in self.choices}
+        out: list[str] = []  # chunks not yet written
         try:
             for c in self.choices:
                 if self.kind == "chat":
                     first = {"index": c.index, "delta": {"role": "assistant", "content": ""},
                              "finish_reason": None, "logprobs": None}
-                    yield oa.sse(oa.chat_chunk(self.rid, self.model, [first]))
+                    out.append(oa.sse(oa.chat_chunk(self.rid, self.model, [first])))
                 elif c.echo:
-                    yield self._chunk(c, c.echo, None, [], 0)
+                    out.append(self._chunk(c, c.echo, None, [], 0))
+            await asyncio.sleep(0)  # each pump queues its choice's first delta (already fetched): it joins the role
             running = len(tasks)
             while running:
+                if out and queue.empty():
+                    yield "".join(out)
+                    out = []
                 c, item = await queue.get()
                 if item is None:
                     running -= 1
-                    yield self._chunk(c, None, c.finish or "length", [], 0)
+                    out.append(self._chunk(c, None, c.finish or "length", [], 0))
                     continue
                 if isinstance(item, Exception):
                     raise item
                 entries = c.take(item)
                 if item.text or entries:
-                    yield self._chunk(c, item.text, None, entries, offsets[c.index])
+                    out.append(self._chunk(c, item.text, None, entries, offsets[c.index]))
                 offsets[c.index] += sum(len(self.info(e[0])[0]) for e in entries)
             if self.include_usage:
                 build = oa.chat_chunk if self.kind == "chat" else oa.completion_chunk
-                yield oa.sse(build(self.rid, self.model, [], self.usage()))
+                out.append(oa.sse(build(self.rid, self.model, [], self.usage())))
         except oa.APIError as exc:  # headers are gone: the error travels as an event, as OpenAI's does
-            yield oa.sse(exc.body())
+            out.append(oa.sse(exc.body()))
         finally:
             for t in tasks:
                 t.cancel()
             await self.close()
-        yield oa.sse("[DONE]")
+        yield "".join(out) + oa.sse("[DONE]")
 
 
 class SlotResponse(StreamingResponse):

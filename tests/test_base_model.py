@@ -120,8 +120,9 @@ def test_continuous_batching_on_non_llama_caches_matches_solo_runs(foreign, arch
     for step in range(12):
         if step == 4:
             batch.add(["b"], [b], [greedy(5)])  # b joins mid-flight with a shorter prompt than a's history
-        for key, delta in batch.step():
+        for key, delta in batch.sample():
             texts[key] += delta.text
+        batch.forward()
     assert len(batch) == 0 and texts == {"a": solo(a, 12), "b": solo(b, 5), "c": solo(c, 3)}
     assert all(texts.values())
 

@@ -43,8 +43,9 @@ def test_requests_joining_and_leaving_match_solo_runs(engine):
     for step in range(24):
         if step == 9:
             batch.add(["b"], [b], [greedy(10)])  # b joins mid-flight, shorter prompt than a's history
-        for key, delta in batch.step():
+        for key, delta in batch.sample():
             texts[key] += delta.text
+        batch.forward()
         if not len(batch):
             break
     assert len(batch) == 0
@@ -128,12 +129,14 @@ def test_failed_add_leaves_the_batch_as_it_was(engine):
     a = engine.text_prompt_ids("The os module provides a portable way")
     batch = RunningBatch(engine)
     batch.add(["a"], [a], [greedy(12)])
-    text = "".join(d.text for _, d in batch.step())
+    text = "".join(d.text for _, d in batch.sample())
+    batch.forward()
     with pytest.raises(ValueError, match="vocabulary"):
         batch.add(["ok", "bad"], [engine.text_prompt_ids("Return"), [engine.vocab_size + 5]], [greedy(4)] * 2)
     assert batch.keys == ["a"] and len(batch.rows) == 1 and batch.mask.shape[0] == 1
     while len(batch):
-        text += "".join(d.text for _, d in batch.step())
+        text += "".join(d.text for _, d in batch.sample())
+        batch.forward()
     assert text == solo(engine, a, 12)
 
 
