@@ -1,5 +1,5 @@
 """Transformers rollout engines (``ppo.rollout_engine: hf_engine``): separate actors, each with a copy of the
-policy's weights, that sample responses with transformers ``generate`` (KV cache) while the policy trains.
+policy's weights, that sample responses (``actors.ppo.decode``: KV cache) while the policy trains.
 
 What they buy is overlap: with ``ppo.async_rollout`` the next batch is sampled during the current update
 (one-step off-policy, as OpenRLHF's async mode and verl's one-step-off recipe), so generation and training run
@@ -34,10 +34,7 @@ class HFEngineActor:
         out = rollout.generate(self.model, prompts["prompt_ids"].to(self.device),
                                prompts["prompt_mask"].to(self.device), pad_id=self.pad_id, eos_id=self.eos_id,
                                max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                               stop_at_eos=s["stop_at_eos"])
-        if with_logprobs:
-            with torch.no_grad():
-                out["logprobs"], _ = rollout.response_logprobs(self.model, out, s["temperature"])
+                               stop_at_eos=s["stop_at_eos"], with_logprobs=with_logprobs)
         return {k: v.cpu() for k, v in out.items()}
 
     def update_weights(self, state_dict: dict) -> None:

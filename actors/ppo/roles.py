@@ -121,18 +121,16 @@ class PolicyActor(_TrainableRole):
         return AutoModelForCausalLM.from_pretrained(self.model_dir)
 
     def generate(self, prompts: Batch) -> Batch:
-        """Sample responses to left-padded ``prompt_ids``/``prompt_mask``, then score them under this
-        (pre-update) policy: the PPO "old" log-probs (not with ``single_update``: the update computes them)."""
+        """Sample responses to left-padded ``prompt_ids``/``prompt_mask`` with their log-probs under this
+        (pre-update) policy, the PPO "old" log-probs, kept from the sampling steps (not with ``single_update``:
+        the update computes them)."""
         cfg, model = self.cfg, self.engine.module
         prompts = _to(prompts, _device())
         out = rollout.generate(model, prompts["prompt_ids"], prompts["prompt_mask"], pad_id=self.pad_id,
                                eos_id=self.eos_id, max_new_tokens=cfg["max_new_tokens"],
                                temperature=cfg["temperature"], top_p=cfg["top_p"],
-                               stop_at_eos=cfg["stop_at_eos"])
-        out = _cpu(out)
-        if not cfg["single_update"]:
-            out["logprobs"] = self.rollout_logprobs(out)
-        return out
+                               stop_at_eos=cfg["stop_at_eos"], with_logprobs=not cfg["single_update"])
+        return _cpu(out)
 
     def special_ids(self) -> tuple[int, int]:
         return self.pad_id, self.eos_id
