@@ -111,6 +111,7 @@ class PPOTrainer:
         # async_rollout: (prompts, their sampling refs, their reference log-prob refs or None)
         self._pending: tuple[list[list[int]], list, list | None] | None = None
         self._ref_logprobs: list | None = None
+        self._reward_refs: list | None = None  # the reward's calls chained on the sampling (``_chain_scoring``)
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _prompt_batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -137,14 +138,29 @@ class PPOTrainer:
         batch = self._prompt_batch(prompts)
         if self.rollout_engine is not None:
             return self.rollout_engine.generate(batch, self.policy)
-        return gather(self.policy.scatter("generate", batch), self.pad_id)
+        refs = self.policy.scatter("generate", batch)
+        self._chain_scoring(refs, batch["prompt_ids"].shape[0])
+        return gather(refs, self.pad_id)
+
+    def _chain_scoring(self, refs: list, rows: int) -> None:
+        """Send each sampled shard straight from the replica that sampled it to the reference beside it and to
+        the reward, so they start as soon as it is ready, not after the driver gathered and re-split the batch
+        (one round trip through the driver less per iteration; same shards, same values)."""
+        if len(self.reference) == len(refs):
+            self._ref_logprobs = [a.logprobs.remote(r) for a, r in zip(self.reference.actors, refs)]
+        if len(self.reward) == 1 or len(self.reward) == len(refs):
+            starts = [rows * i // len(refs) for i in range(len(refs))]  # split_batch's bounds
+            actors = self.reward.actors * len(refs) if len(self.reward) == 1 else self.reward.actors
+            self._reward_refs = [a.score.remote(r, first_index=s) for a, r, s in zip(actors, refs, starts)]
 
     def _score(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reward, reference log-probs and values, all roles working at once."""
         import ray
 
-        indexed = {**batch, "index": torch.arange(len(batch["sequences"]))}  # names failing samples
-        reward_refs = self.reward.scatter("score", indexed)  # all three roles work at once
+        reward_refs, self._reward_refs = self._reward_refs, None  # chained on the sampling, if it was
+        if reward_refs is None:
+            indexed = {**batch, "index": torch.arange(len(batch["sequences"]))}  # names failing samples
+            reward_refs = self.reward.scatter("score", indexed)  # all three roles work at once
         ref_refs, self._ref_logprobs = self._ref_logprobs, None  # async_rollout: submitted with the sampling
         if ref_refs is None:
             ref_refs = self.reference.scatter("logprobs", batch)

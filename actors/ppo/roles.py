@@ -269,13 +269,16 @@ class RewardActor:
         return prompts, responses
 
     @torch.no_grad()
-    def score(self, batch: Batch) -> tuple[Batch, list[str]]:
+    def score(self, batch: Batch, first_index: int = 0) -> tuple[Batch, list[str]]:
         """{"scores": the total, "reward_model": its part, "reward/<fn>": each function's raw values} and the
-        warnings of samples a function failed on (named by ``batch["index"]``, their place in the iteration)."""
+        warnings of samples a function failed on (named by ``batch["index"]``, their place in the iteration, or
+        counted from ``first_index`` for a shard sent straight from the actor that sampled it)."""
         from actors.ppo.reward_functions import evaluate
         from pipelines.reward.model import sequence_scores
 
         n = batch["sequences"].shape[0]
+        if "index" not in batch:
+            batch = {**batch, "index": torch.arange(first_index, first_index + n)}
         parts, warnings = {}, []
         total = torch.zeros(n)
         if self.model is not None:
