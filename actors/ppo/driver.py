@@ -58,7 +58,7 @@ class PromptSampler:
 def role_config(cfg: PPOConfig, lr: float, role: str = "policy") -> dict:
     """The plain dict each role actor gets (picklable, no schema import needed in the worker)."""
     keys = ("micro_batch_size", "zero_stage", "grad_clip", "precision", "max_new_tokens", "temperature", "top_p",
-            "stop_at_eos", "single_update",
+            "stop_at_eos", "compile_decode", "single_update",
             "ppo_epochs", "clip_eps", "value_clip_eps", "kl_mode", "kl_estimator")
     accum = cfg.grad_accum(role) if role in ("policy", "critic") else 1
     return {**{k: getattr(cfg, k) for k in keys}, "lr": lr, "grad_accum": accum}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from actors.group import ActorGroup, gather
-from actors.ppo import rollout
+from actors.ppo import decode, rollout
 
 
 class HFEngineActor:
@@ -28,13 +28,15 @@ class HFEngineActor:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # load_state_dict copies into the same parameters: the compiled step needs no recompile per push.
+        self.decode_step = decode.compile_step(self.model) if sampling["compile_decode"] else None
 
     def generate(self, prompts: dict[str, torch.Tensor], with_logprobs: bool) -> dict[str, torch.Tensor]:
         s = self.sampling
         out = rollout.generate(self.model, prompts["prompt_ids"].to(self.device),
                                prompts["prompt_mask"].to(self.device), pad_id=self.pad_id, eos_id=self.eos_id,
                                max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                               stop_at_eos=s["stop_at_eos"], with_logprobs=with_logprobs)
+                               stop_at_eos=s["stop_at_eos"], with_logprobs=with_logprobs, step=self.decode_step)
         return {k: v.cpu() for k, v in out.items()}
 
     def update_weights(self, state_dict: dict) -> None:
@@ -49,7 +51,7 @@ class HFRollout:
         self.pad_id = pad_id
         # Behaviour log-probs: needed unless the update may take its own (on-policy, one update per batch).
         self.with_logprobs = cfg.async_rollout or not cfg.single_update
-        sampling = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "stop_at_eos")}
+        sampling = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "stop_at_eos", "compile_decode")}
         self.engines = ActorGroup(HFEngineActor, placement, lambda r, n: (
             (str(model_dir), sampling, pad_id, eos_id, seed + r), {}), "rollout")
         self.pending_sync: list = []

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from actors import algos
-from actors.ppo import rollout
+from actors.ppo import decode, rollout
 
 Batch = dict[str, torch.Tensor]
 
@@ -72,6 +72,8 @@ class _TrainableRole:
                                      zero_stage=cfg["zero_stage"],
                                      precision=cfg["precision"], on_gpu=torch.cuda.is_available())
         self.engine = initialize(model, ds_config, lr=cfg["lr"], weight_decay=0.0, on_gpu=torch.cuda.is_available())
+        # Compiled at its first call; the critic never samples.
+        self.decode_step = decode.compile_step(self.engine.module) if cfg.get("compile_decode") else None
 
     def load_model(self):
         raise NotImplementedError
@@ -108,7 +110,7 @@ class _TrainableRole:
 
 
 class PolicyActor(_TrainableRole):
-    """The trainable policy: samples rollouts (transformers ``generate``) and takes clipped PPO steps."""
+    """The trainable policy: samples rollouts (``actors.ppo.decode``) and takes clipped PPO steps."""
 
     def load_model(self):
         from transformers import AutoModelForCausalLM
@@ -129,7 +131,8 @@ class PolicyActor(_TrainableRole):
         out = rollout.generate(model, prompts["prompt_ids"], prompts["prompt_mask"], pad_id=self.pad_id,
                                eos_id=self.eos_id, max_new_tokens=cfg["max_new_tokens"],
                                temperature=cfg["temperature"], top_p=cfg["top_p"],
-                               stop_at_eos=cfg["stop_at_eos"], with_logprobs=not cfg["single_update"])
+                               stop_at_eos=cfg["stop_at_eos"], with_logprobs=not cfg["single_update"],
+                               step=self.decode_step)
         return _cpu(out)
 
     def special_ids(self) -> tuple[int, int]:
