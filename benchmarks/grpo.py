@@ -89,7 +89,7 @@ def grpo_config(args, overlap: bool):
                      kl_coef=args.beta, reward_functions=[REWARD], use_reward_model=False,
                      # No ZeRO partitioning (``ppo.zero_stage=0``): plain data parallelism, as TRL's single
                      # process has none; ZeRO-2 cost ~14 ms more per 16-row update of this 1 M-parameter model.
-                     zero_stage=0)
+                     zero_stage=0, compile_decode=args.compile_decode)
 
 
 def run_raylm(args, policy: Path, prompts: list[list[int]], overlap: bool = False) -> dict:
@@ -194,6 +194,8 @@ def main() -> None:
                    help="raylm layouts to run: on-policy (data-parallel policy replicas sample), overlap "
                         "(ppo.async_rollout: a rollout engine samples the next batch while the policy trains)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3, in the loss) on both sides")
+    p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="raylm's ppo.compile_decode (the sampling step compiled during the warm-up iteration)")
     p.add_argument("--trl-env", default=str(DEFAULT_TRL_ENV))
     p.add_argument("--trl-threads", default=f"1,{os.cpu_count() or 1}", help="torch thread counts to run TRL with")
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -219,7 +221,7 @@ def main() -> None:
     print(f"GRPO, tiny LLaMA (default recipe shape), arithmetic prompts, {args.batch // args.group_size} prompts x "
           f"group {args.group_size} = {args.batch} samples/iteration, response {args.response_len} tokens, "
           f"micro-batch {args.micro_batch}, beta {args.beta}, {args.iterations} timed iterations, {os.cpu_count()} CPUs; "
-          f"raylm ppo.zero_stage=0, TRL fp32 without gradient checkpointing, EOS suppressed on both sides")
+          f"raylm ppo.zero_stage=0 ppo.compile_decode={args.compile_decode}, TRL fp32 without gradient checkpointing, EOS suppressed on both sides")
     for r in trl_runs:
         print(f"  TRL {TRL_VERSION} GRPOTrainer, {r['threads']} torch thread(s): {r['samples_per_s']:.2f} samples/s "
               f"({r['seconds']:.1f} s)")
