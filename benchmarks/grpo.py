@@ -24,7 +24,10 @@ Fairness settings on TRL's side (its defaults target GPUs): fp32 (``bf16=False``
 CPU), no gradient checkpointing (raylm's policy has none), EOS suppressed on both sides (``min_new_tokens``
 there, ``ppo.stop_at_eos=false`` here) so every response is exactly ``--response-len`` tokens. One optimizer
 step per batch on both sides (TRL accumulates its micro-batches; raylm ``ppo.mini_batch_size`` = the batch),
-so neither computes the rollout ("old") log-probs on-policy.
+so neither computes the rollout ("old") log-probs on-policy. raylm runs without ZeRO (``ppo.zero_stage=0``,
+as TRL's one process) and with ``ppo.compile_decode`` (``--no-compile-decode`` to turn it off; compiled in
+the untimed warm-up iteration). Each side's CPU time per timed iteration is printed too (raylm: every
+process of its run, Ray's included), with the ceiling it sets on the ratio: C CPUs x TRL's / raylm's.
 """
 from __future__ import annotations
 
