@@ -24,7 +24,10 @@ Fairness settings on TRL's side (its defaults target GPUs): fp32 (``bf16=False``
 CPU), no gradient checkpointing (raylm's policy has none), EOS suppressed on both sides (``min_new_tokens``
 there, ``ppo.stop_at_eos=false`` here) so every response is exactly ``--response-len`` tokens. One optimizer
 step per batch on both sides (TRL accumulates its micro-batches; raylm ``ppo.mini_batch_size`` = the batch),
-so neither computes the rollout ("old") log-probs on-policy.
+so neither computes the rollout ("old") log-probs on-policy. raylm runs without ZeRO (``ppo.zero_stage=0``,
+as TRL's one process) and with ``ppo.compile_decode`` (``--no-compile-decode`` to turn it off; compiled in
+the untimed warm-up iteration). Each side's CPU time per timed iteration is printed too (raylm: every
+process of its run, Ray's included), with the ceiling it sets on the ratio: C CPUs x TRL's / raylm's.
 """
 from __future__ import annotations
 
@@ -71,6 +74,23 @@ def build_model(root: Path, vocab_size: int) -> tuple[Path, list[str], list[list
     return root / "policy", questions, prompts, tok.pad_token_id
 
 
+def cpu_seconds_of_this_process_tree() -> float:
+    """CPU time (user + system) of this process and every live descendant: the driver, Ray's own processes and
+    the actors. Against TRL's one process it bounds the ratio: on C cores raylm cannot beat its CPU per
+    iteration / C, so the ratio is at most C x TRL's CPU per iteration / raylm's."""
+    import psutil
+
+    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def grpo_config(args, overlap: bool):
     from cluster.schemas.rlhf import PPOConfig, RoleConfig
 
@@ -86,7 +106,10 @@ def grpo_config(args, overlap: bool):
                      reward=RoleConfig(num_cpus=bundle / 2), algorithm="grpo", rollout_batch_size=args.batch, group_size=args.group_size,
                      micro_batch_size=args.micro_batch, mini_batch_size=args.batch, max_new_tokens=args.response_len, iterations=args.iterations,
                      actor_lr=1e-5, stop_at_eos=False, kl_mode="loss", kl_estimator="k3", adaptive_kl=False,
-                     kl_coef=args.beta, reward_functions=[REWARD], use_reward_model=False)
+                     kl_coef=args.beta, reward_functions=[REWARD], use_reward_model=False,
+                     # No ZeRO partitioning (``ppo.zero_stage=0``): plain data parallelism, as TRL's single
+                     # process has none; ZeRO-2 cost ~14 ms more per 16-row update of this 1 M-parameter model.
+                     zero_stage=0, compile_decode=args.compile_decode)
 
 
 def run_raylm(args, policy: Path, prompts: list[list[int]], overlap: bool = False) -> dict:
@@ -111,10 +134,11 @@ def run_raylm(args, policy: Path, prompts: list[list[int]], overlap: bool = Fals
     following = (lambda i: batch(i + 1) if i < args.iterations else None) if overlap else (lambda i: None)
     try:
         trainer.step(batch(0), following(0))  # warm-up iteration (not timed), as TRL's first step is not either
-        steps, t0 = [], time.perf_counter()
+        steps, t0, cpu0 = [], time.perf_counter(), cpu_seconds_of_this_process_tree()
         for i in range(1, args.iterations + 1):
             steps.append(trainer.step(batch(i), following(i)))
         seconds = time.perf_counter() - t0
+        cpu = cpu_seconds_of_this_process_tree() - cpu0
     finally:
         trainer.shutdown()
         import ray
@@ -122,6 +146,7 @@ def run_raylm(args, policy: Path, prompts: list[list[int]], overlap: bool = Fals
         ray.shutdown()  # each layout on a fresh cluster
     split = {k: sum(s[k] for s in steps) for k in ("time_generate", "time_score", "time_train", "time_sync")}
     return {"samples_per_s": args.batch * args.iterations / seconds, "seconds": seconds, **split,
+            "cpu_ms_per_iteration": 1000 * cpu / args.iterations,
             "response_len": sum(s["response_len"] for s in steps) / len(steps)}
 
 
@@ -150,7 +175,7 @@ def trl_worker(args) -> None:
             self.marks = []
 
         def on_step_end(self, *a, **k):
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.process_time()))  # wall, CPU of the process
 
     timer = StepTimer()
     config = GRPOConfig(output_dir=str(Path(args.trl_worker, "out")), per_device_train_batch_size=args.micro_batch,
@@ -162,9 +187,10 @@ def trl_worker(args) -> None:
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(args.policy), reward_funcs=arithmetic,
                           args=config, train_dataset=data, processing_class=tok, callbacks=[timer])
     trainer.train()
-    timed = timer.marks[-1] - timer.marks[0]
-    print("TRL_RESULT " + json.dumps({"samples_per_s": args.batch * (len(timer.marks) - 1) / timed,
-                                      "seconds": timed, "threads": args.threads}))
+    (start, cpu0), (end, cpu1) = timer.marks[0], timer.marks[-1]
+    steps = len(timer.marks) - 1
+    print("TRL_RESULT " + json.dumps({"samples_per_s": args.batch * steps / (end - start), "seconds": end - start,
+                                      "cpu_ms_per_iteration": 1000 * (cpu1 - cpu0) / steps, "threads": args.threads}))
 
 
 def run_trl(args, policy: Path, questions: list[str], work: Path, threads: int) -> dict:
@@ -191,6 +217,8 @@ def main() -> None:
                    help="raylm layouts to run: on-policy (data-parallel policy replicas sample), overlap "
                         "(ppo.async_rollout: a rollout engine samples the next batch while the policy trains)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3, in the loss) on both sides")
+    p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="raylm's ppo.compile_decode (the sampling step compiled during the warm-up iteration)")
     p.add_argument("--trl-env", default=str(DEFAULT_TRL_ENV))
     p.add_argument("--trl-threads", default=f"1,{os.cpu_count() or 1}", help="torch thread counts to run TRL with")
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -215,16 +243,20 @@ def main() -> None:
         trl = max(trl_runs, key=lambda r: r["samples_per_s"])
     print(f"GRPO, tiny LLaMA (default recipe shape), arithmetic prompts, {args.batch // args.group_size} prompts x "
           f"group {args.group_size} = {args.batch} samples/iteration, response {args.response_len} tokens, "
-          f"micro-batch {args.micro_batch}, beta {args.beta}, {args.iterations} timed iterations, {os.cpu_count()} CPUs")
+          f"micro-batch {args.micro_batch}, beta {args.beta}, {args.iterations} timed iterations, {os.cpu_count()} CPUs; "
+          f"raylm ppo.zero_stage=0 ppo.compile_decode={args.compile_decode}, TRL fp32 without gradient checkpointing, EOS suppressed on both sides")
     for r in trl_runs:
         print(f"  TRL {TRL_VERSION} GRPOTrainer, {r['threads']} torch thread(s): {r['samples_per_s']:.2f} samples/s "
-              f"({r['seconds']:.1f} s)")
+              f"({r['seconds']:.1f} s; CPU {r['cpu_ms_per_iteration']:.0f} ms per iteration)")
     print(f"  baseline = TRL with {trl['threads']} thread(s): {trl['samples_per_s']:.2f} samples/s")
     for layout, r in ours.items():
         print(f"  raylm GRPO, {layout + ':':<10} {r['samples_per_s']:.2f} samples/s ({r['seconds']:.1f} s; "
               f"generate {r['time_generate']:.1f} s, score {r['time_score']:.1f} s, "
-              f"train {r['time_train']:.1f} s, sync {r['time_sync']:.1f} s)  "
-              f"ratio raylm / TRL: {r['samples_per_s'] / trl['samples_per_s']:.2f}x")
+              f"train {r['time_train']:.1f} s, sync {r['time_sync']:.1f} s; CPU {r['cpu_ms_per_iteration']:.0f} ms "
+              f"per iteration, all processes)  "
+              f"ratio raylm / TRL: {r['samples_per_s'] / trl['samples_per_s']:.2f}x (at most "
+              f"{os.cpu_count()} CPUs x TRL's CPU / raylm's = "
+              f"{(os.cpu_count() or 1) * trl['cpu_ms_per_iteration'] / r['cpu_ms_per_iteration']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -235,20 +235,29 @@ def test_grpo_stage_checkpoints_resumes_and_exports(ray_cluster, tiny_models, tm
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What does `json.{n}` do?"}) + "\n"
                                for n in ("dumps", "loads", "dump", "load")))
+    # async_rollout: each batch is sampled (by an hf_engine) while the previous one trains, one update behind.
     base = ["ppo.algorithm=grpo", "ppo.rollout_batch_size=4", "ppo.group_size=2", "ppo.max_new_tokens=6",
             "ppo.micro_batch_size=4", "ppo.checkpoint_every=1", f"ppo.prompts={prompts}", "ppo.actor_lr=1.0e-3",
-            "ppo.kl_mode=loss", "ppo.kl_estimator=k3"]
-    first = run(StageContext(recipe=load_recipe(overrides=base + ["ppo.iterations=1"]), run_dir=run_dir))
+            "ppo.kl_mode=loss", "ppo.kl_estimator=k3", "ppo.rollout_engine=hf_engine", "ppo.async_rollout=true"]
+    first = run(StageContext(recipe=load_recipe(overrides=base + ["ppo.iterations=2"]), run_dir=run_dir))
     assert first["resumed_from"] == 0 and first["algorithm"] == "grpo"
-    after_one = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("ppo")).state_dict()
-    second = run(StageContext(recipe=load_recipe(overrides=base + ["ppo.iterations=2"]), run_dir=run_dir))
+    after_first = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("ppo")).state_dict()
+    # Resume from the checkpoint taken mid-run, after iteration 1, while batch 2 was being sampled.
+    checkpoints = run_dir.stage("ppo") / "checkpoints"
+    (checkpoints / "latest.json").write_text(json.dumps({"tag": "iter_000001"}))
+    second = run(StageContext(recipe=load_recipe(overrides=base + ["ppo.iterations=3"]), run_dir=run_dir))
     assert second["resumed_from"] == 1
-    assert [m["step"] for m in read_metrics(run_dir.stage("ppo")) if "reward_mean" in m] == [1, 2]
-    assert json.loads((run_dir.stage("ppo") / "checkpoints" / "latest.json").read_text())["tag"] == "iter_000002"
-    after_two = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("ppo")).state_dict()
+    steps = [m for m in read_metrics(run_dir.stage("ppo")) if "reward_mean" in m]
+    assert [m["step"] for m in steps] == [1, 2, 2, 3]
+    # Batch 2 again (the sampler resumed at its prompts), sampled by the restored weights (ratio 1), then the
+    # run continues one update behind: batch 3 was sampled while update 2 ran, by the weights before it.
+    assert steps[0]["approx_kl"] == pytest.approx(0.0, abs=1e-9) and steps[1]["approx_kl"] > 1e-9
+    assert steps[2]["approx_kl"] == pytest.approx(0.0, abs=1e-9) and steps[3]["approx_kl"] > 1e-9
+    assert json.loads((checkpoints / "latest.json").read_text())["tag"] == "iter_000003"
+    after_resume = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("ppo")).state_dict()
     sft = AutoModelForCausalLM.from_pretrained(run_dir.model_dir("sft")).state_dict()
     changed = lambda a, b: any((a[k] - b[k]).abs().max() > 0 for k in a)
-    assert changed(after_one, sft) and changed(after_two, after_one)
+    assert changed(after_first, sft) and changed(after_resume, after_first)
     from huggingface_hub import ModelCard  # the export's model card, written by the policy actor
 
     card = ModelCard.load(run_dir.model_dir("ppo") / "README.md").data.to_dict()

@@ -58,7 +58,7 @@ class PromptSampler:
 def role_config(cfg: PPOConfig, lr: float, role: str = "policy") -> dict:
     """The plain dict each role actor gets (picklable, no schema import needed in the worker)."""
     keys = ("micro_batch_size", "zero_stage", "grad_clip", "precision", "max_new_tokens", "temperature", "top_p",
-            "stop_at_eos", "single_update",
+            "stop_at_eos", "compile_decode", "single_update",
             "ppo_epochs", "clip_eps", "value_clip_eps", "kl_mode", "kl_estimator")
     accum = cfg.grad_accum(role) if role in ("policy", "critic") else 1
     return {**{k: getattr(cfg, k) for k in keys}, "lr": lr, "grad_accum": accum}
@@ -108,9 +108,10 @@ class PPOTrainer:
             from actors.ppo.hf_engine import HFRollout
 
             self.hf_engine = HFRollout(cfg, policy_dir, plan["rollout"], policy_pad_id, self.eos_id, seed)
-        # async_rollout: (prompts, their sampling refs, their reference log-prob refs or None)
-        self._pending: tuple[list[list[int]], list, list | None] | None = None
+        # async_rollout: (prompts, their sampling refs, their chained reference and reward refs)
+        self._pending: tuple[list[list[int]], list, tuple] | None = None
         self._ref_logprobs: list | None = None
+        self._reward_refs: list | None = None  # the reward's calls chained on the sampling (``_chain_scoring``)
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _prompt_batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -123,29 +124,47 @@ class PPOTrainer:
         and ``next_prompts`` submitted now, to be sampled while this batch trains."""
         if self.hf_engine is not None:
             pending, self._pending = self._pending, None
-            refs, self._ref_logprobs = pending[1:] if pending is not None and pending[0] == prompts else (None, None)
-            if refs is None:
+            if pending is not None and pending[0] == prompts:
+                refs, (self._ref_logprobs, self._reward_refs) = pending[1], pending[2]
+            else:
                 refs = self.hf_engine.submit(self._prompt_batch(prompts))
+                self._ref_logprobs, self._reward_refs = self._chain_scoring(refs, len(prompts))
             if self.cfg.async_rollout and next_prompts is not None:
-                # Queued on each engine behind this batch and before the weights this update will push.
+                # Queued on each engine behind this batch and before the weights this update will push; the
+                # frozen reference and the reward score each shard once sampled, never stale.
                 next_refs = self.hf_engine.submit(self._prompt_batch(next_prompts))
-                ref_refs = None
-                if len(self.reference) == len(next_refs):  # the frozen reference scores each shard once sampled,
-                    ref_refs = [a.logprobs.remote(r) for a, r in zip(self.reference.actors, next_refs)]  # not later
-                self._pending = (next_prompts, next_refs, ref_refs)
+                self._pending = (next_prompts, next_refs, self._chain_scoring(next_refs, len(next_prompts)))
             return self.hf_engine.collect(refs)
         batch = self._prompt_batch(prompts)
         if self.rollout_engine is not None:
             return self.rollout_engine.generate(batch, self.policy)
-        return gather(self.policy.scatter("generate", batch), self.pad_id)
+        refs = self.policy.scatter("generate", batch)
+        self._ref_logprobs, self._reward_refs = self._chain_scoring(refs, len(prompts))
+        return gather(refs, self.pad_id)
+
+    def _chain_scoring(self, refs: list, rows: int) -> tuple[list | None, list | None]:
+        """Send each sampled shard straight from the actor that sampled it to the reference (one replica per
+        shard) and to the reward, so they start as soon as it is ready, not after the driver gathered and
+        re-split the batch (one round trip through the driver less per iteration; same shards, same values).
+        Returns their refs (None where the replica counts do not match the shards: ``_score`` scatters then)."""
+        ref_refs = reward_refs = None
+        if len(self.reference) == len(refs):
+            ref_refs = [a.logprobs.remote(r) for a, r in zip(self.reference.actors, refs)]
+        if len(self.reward) == 1 or len(self.reward) == len(refs):
+            starts = [rows * i // len(refs) for i in range(len(refs))]  # split_batch's bounds
+            actors = self.reward.actors * len(refs) if len(self.reward) == 1 else self.reward.actors
+            reward_refs = [a.score.remote(r, first_index=s) for a, r, s in zip(actors, refs, starts)]
+        return ref_refs, reward_refs
 
     def _score(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reward, reference log-probs and values, all roles working at once."""
         import ray
 
-        indexed = {**batch, "index": torch.arange(len(batch["sequences"]))}  # names failing samples
-        reward_refs = self.reward.scatter("score", indexed)  # all three roles work at once
-        ref_refs, self._ref_logprobs = self._ref_logprobs, None  # async_rollout: submitted with the sampling
+        reward_refs, self._reward_refs = self._reward_refs, None  # chained on the sampling, if it was
+        if reward_refs is None:
+            indexed = {**batch, "index": torch.arange(len(batch["sequences"]))}  # names failing samples
+            reward_refs = self.reward.scatter("score", indexed)  # all three roles work at once
+        ref_refs, self._ref_logprobs = self._ref_logprobs, None  # chained on the sampling, if it was
         if ref_refs is None:
             ref_refs = self.reference.scatter("logprobs", batch)
         value_refs = self.critic.scatter("values", batch) if self.critic is not None else None

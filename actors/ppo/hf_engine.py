@@ -1,5 +1,5 @@
 """Transformers rollout engines (``ppo.rollout_engine: hf_engine``): separate actors, each with a copy of the
-policy's weights, that sample responses with transformers ``generate`` (KV cache) while the policy trains.
+policy's weights, that sample responses (``actors.ppo.decode``: KV cache) while the policy trains.
 
 What they buy is overlap: with ``ppo.async_rollout`` the next batch is sampled during the current update
 (one-step off-policy, as OpenRLHF's async mode and verl's one-step-off recipe), so generation and training run
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from actors.group import ActorGroup, gather
-from actors.ppo import rollout
+from actors.ppo import decode, rollout
 
 
 class HFEngineActor:
@@ -28,16 +28,15 @@ class HFEngineActor:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # load_state_dict copies into the same parameters: the compiled step needs no recompile per push.
+        self.decode_step = decode.compile_step(self.model) if sampling["compile_decode"] else None
 
     def generate(self, prompts: dict[str, torch.Tensor], with_logprobs: bool) -> dict[str, torch.Tensor]:
         s = self.sampling
         out = rollout.generate(self.model, prompts["prompt_ids"].to(self.device),
                                prompts["prompt_mask"].to(self.device), pad_id=self.pad_id, eos_id=self.eos_id,
                                max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                               stop_at_eos=s["stop_at_eos"])
-        if with_logprobs:
-            with torch.no_grad():
-                out["logprobs"], _ = rollout.response_logprobs(self.model, out, s["temperature"])
+                               stop_at_eos=s["stop_at_eos"], with_logprobs=with_logprobs, step=self.decode_step)
         return {k: v.cpu() for k, v in out.items()}
 
     def update_weights(self, state_dict: dict) -> None:
@@ -52,7 +51,7 @@ class HFRollout:
         self.pad_id = pad_id
         # Behaviour log-probs: needed unless the update may take its own (on-policy, one update per batch).
         self.with_logprobs = cfg.async_rollout or not cfg.single_update
-        sampling = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "stop_at_eos")}
+        sampling = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "stop_at_eos", "compile_decode")}
         self.engines = ActorGroup(HFEngineActor, placement, lambda r, n: (
             (str(model_dir), sampling, pad_id, eos_id, seed + r), {}), "rollout")
         self.pending_sync: list = []

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from actors import algos
-from actors.ppo import rollout
+from actors.ppo import decode, rollout
 
 Batch = dict[str, torch.Tensor]
 
@@ -72,6 +72,8 @@ class _TrainableRole:
                                      zero_stage=cfg["zero_stage"],
                                      precision=cfg["precision"], on_gpu=torch.cuda.is_available())
         self.engine = initialize(model, ds_config, lr=cfg["lr"], weight_decay=0.0, on_gpu=torch.cuda.is_available())
+        # Compiled at its first call; the critic never samples.
+        self.decode_step = decode.compile_step(self.engine.module) if cfg.get("compile_decode") else None
 
     def load_model(self):
         raise NotImplementedError
@@ -108,7 +110,7 @@ class _TrainableRole:
 
 
 class PolicyActor(_TrainableRole):
-    """The trainable policy: samples rollouts (transformers ``generate``) and takes clipped PPO steps."""
+    """The trainable policy: samples rollouts (``actors.ppo.decode``) and takes clipped PPO steps."""
 
     def load_model(self):
         from transformers import AutoModelForCausalLM
@@ -121,18 +123,17 @@ class PolicyActor(_TrainableRole):
         return AutoModelForCausalLM.from_pretrained(self.model_dir)
 
     def generate(self, prompts: Batch) -> Batch:
-        """Sample responses to left-padded ``prompt_ids``/``prompt_mask``, then score them under this
-        (pre-update) policy: the PPO "old" log-probs (not with ``single_update``: the update computes them)."""
+        """Sample responses to left-padded ``prompt_ids``/``prompt_mask`` with their log-probs under this
+        (pre-update) policy, the PPO "old" log-probs, kept from the sampling steps (not with ``single_update``:
+        the update computes them)."""
         cfg, model = self.cfg, self.engine.module
         prompts = _to(prompts, _device())
         out = rollout.generate(model, prompts["prompt_ids"], prompts["prompt_mask"], pad_id=self.pad_id,
                                eos_id=self.eos_id, max_new_tokens=cfg["max_new_tokens"],
                                temperature=cfg["temperature"], top_p=cfg["top_p"],
-                               stop_at_eos=cfg["stop_at_eos"])
-        out = _cpu(out)
-        if not cfg["single_update"]:
-            out["logprobs"] = self.rollout_logprobs(out)
-        return out
+                               stop_at_eos=cfg["stop_at_eos"], with_logprobs=not cfg["single_update"],
+                               step=self.decode_step)
+        return _cpu(out)
 
     def special_ids(self) -> tuple[int, int]:
         return self.pad_id, self.eos_id
@@ -271,13 +272,16 @@ class RewardActor:
         return prompts, responses
 
     @torch.no_grad()
-    def score(self, batch: Batch) -> tuple[Batch, list[str]]:
+    def score(self, batch: Batch, first_index: int = 0) -> tuple[Batch, list[str]]:
         """{"scores": the total, "reward_model": its part, "reward/<fn>": each function's raw values} and the
-        warnings of samples a function failed on (named by ``batch["index"]``, their place in the iteration)."""
+        warnings of samples a function failed on (named by ``batch["index"]``, their place in the iteration, or
+        counted from ``first_index`` for a shard sent straight from the actor that sampled it)."""
         from actors.ppo.reward_functions import evaluate
         from pipelines.reward.model import sequence_scores
 
         n = batch["sequences"].shape[0]
+        if "index" not in batch:
+            batch = {**batch, "index": torch.arange(first_index, first_index + n)}
         parts, warnings = {}, []
         total = torch.zeros(n)
         if self.model is not None:

@@ -12,6 +12,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from actors.algos import entropy_from_logits, logprobs_from_logits
+from actors.ppo import decode
 from pipelines.reward.model import position_ids, token_values
 
 # Keys whose dim 1 is a response/sequence length (padded when batches of different R are concatenated).
@@ -35,23 +36,26 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, pad_id: int, eos_id: int,
-             max_new_tokens: int, temperature: float, top_p: float, stop_at_eos: bool = True
-             ) -> dict[str, torch.Tensor]:
-    """Sample one response per prompt with transformers ``generate`` (KV cache on). Without ``stop_at_eos``
-    EOS is suppressed until ``max_new_tokens`` (fixed-length responses, for like-for-like benchmarks)."""
+             max_new_tokens: int, temperature: float, top_p: float, stop_at_eos: bool = True,
+             with_logprobs: bool = False, step=None) -> dict[str, torch.Tensor]:
+    """Sample one response per prompt (``actors.ppo.decode``: KV cache, transformers' warpers). Without
+    ``stop_at_eos`` EOS is suppressed until ``max_new_tokens`` (fixed-length responses, for like-for-like
+    benchmarks). ``with_logprobs``: also the sampled tokens' log-probs under ``model`` (the behaviour policy's),
+    kept from the sampling steps rather than computed by another forward. ``step``: see ``decode.sample``."""
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                         temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
-                         min_new_tokens=0 if stop_at_eos else max_new_tokens)
+    responses, logprobs = decode.sample(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                        eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                                        stop_at_eos=stop_at_eos, step=step)
     model.train(was_training)
-    responses = out[:, prompt_ids.shape[1]:]
     resp_mask = response_mask(responses, eos_id)
     responses = responses.masked_fill(resp_mask == 0, pad_id)
-    return {"sequences": torch.cat([prompt_ids, responses], 1),
-            "attention_mask": torch.cat([prompt_mask, resp_mask], 1),
-            "response_mask": resp_mask}
+    out = {"sequences": torch.cat([prompt_ids, responses], 1),
+           "attention_mask": torch.cat([prompt_mask, resp_mask], 1),
+           "response_mask": resp_mask}
+    if with_logprobs:
+        out["logprobs"] = logprobs * resp_mask
+    return out
 
 
 def _keeps_logits(model) -> bool:

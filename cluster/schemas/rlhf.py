@@ -127,6 +127,9 @@ class PPOConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     stop_at_eos: bool = True  # false: every response is max_new_tokens long (EOS suppressed; benchmarks)
+    # torch.compile the sampling loop's one-token step (static KV cache): ~1.5x faster sampling of small models
+    # on CPU, for seconds to a minute of compiling per actor at the first batch (and per new batch size).
+    compile_decode: bool = False
     top_p: float = 1.0
     ppo_epochs: int = 1
     micro_batch_size: int = 8  # rows per forward/backward on each policy/critic replica
@@ -154,7 +157,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     reward_functions: list[str] = field(default_factory=list)  # "file.py:fn", "module:fn", "...:fn*0.5"
     use_reward_model: bool = True  # false: the reward is the functions alone (no reward model is loaded)
-    # hf: the policy replicas sample (transformers generate); hf_engine: separate actors with a copy of the
+    # hf: the policy replicas sample (actors.ppo.decode); hf_engine: separate actors with a copy of the
     # weights (``rollout``), pushed after every update; vllm: vLLM engines (GPU).
     rollout_engine: Literal["hf", "hf_engine", "vllm"] = "hf"
     # One-step off-policy (rollout_engine hf_engine): the next batch is sampled, by the weights before the
