@@ -10,7 +10,7 @@ Each server gets the same requests (greedy, so every server generates the same t
 concurrency level (--concurrency, default 1,4,16,64). Output tokens are the usage a server reports at the end of
 the stream (stream_options.include_usage), else the reply re-tokenized with the model's tokenizer. Prints a table
 per server and one JSON line with raylm's ratio to `transformers serve` per level: output tokens/s and p50 time to
-first token. raylm runs behind Ray Serve's HAProxy ingress (its default, recipe ray.serve_ingress); --serve-proxy
+first token. raylm runs behind Ray Serve's HAProxy ingress (ray.serve_ingress=haproxy: the pods' default); --serve-proxy
 adds raylm behind Serve's Python proxy. Only one server runs at a time; each is warmed up before it is timed. With --repeat N the servers take
 turns N times (so a change in the machine's load hits every server alike) and the table holds each figure's median.
 
@@ -161,7 +161,7 @@ def run_raylm(model_dir: Path, args, count, name: str = "raylm", recipe_override
                  f"serve.num_cpus={args.threads}",
                  f"serve.max_new_tokens={args.max_tokens}",
                  "serve.max_batch_size=64", "serve.max_ongoing_requests=96", "serve.max_pending_requests=256",
-                 "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
+                 "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1", "ray.serve_ingress=haproxy",
                  f"ray.num_cpus={args.threads + 2}", *recipe_overrides, *args.raylm_override]
     recipe = load_recipe(None, overrides)
     saved = dict(os.environ)

@@ -206,7 +206,7 @@ def ray_cluster_spec(recipe: Recipe, profile: Profile, *, serve: bool = False, a
         low, high = sizes[group]
         sizes[group] = (min(pods_needed(need, per_pod), high), high)
     # the RayService's Serve ingress (recipe ray.serve_ingress), read by Serve from every Ray pod's environment
-    ingress_env = serve_ingress_env(recipe.ray.serve_ingress) if serve else {}
+    ingress_env = serve_ingress_env(recipe.ray.serve_ingress, local=False) if serve else {}
     groups = []
     for group, shape in (("cpu", profile.cpu_worker), ("gpu", profile.gpu_worker)):
         low, high = sizes[group]

@@ -25,11 +25,13 @@ class RayConfig:
     num_cpus: int | None = None  # local cluster size; None: the machine's cores
     num_gpus: int | None = None
     object_store_memory_mb: int | None = None
-    # Serve's HTTP ingress on the clusters raylm starts (local, and the KubeRay RayService pods): "haproxy", Ray
-    # Serve's HAProxy ingress (HAProxy forwards each request to a replica, which serves it itself: 1.4x the
-    # tokens/s of Serve's Python proxy at c16, docs/serving.md), or "proxy", Serve's Python proxy. An exported
+    # Serve's HTTP ingress on the clusters raylm starts: "haproxy", Ray Serve's HAProxy ingress (HAProxy forwards
+    # each request to a replica, which serves it itself: 1.4-1.6x the tokens/s of Serve's Python proxy at c16,
+    # docs/serving.md), "proxy", Serve's Python proxy, or "auto": HAProxy on the KubeRay pods, Serve's proxy on a
+    # local cluster, because in HAProxy mode Ray binds every replica's HTTP port (the whole API) and HAProxy's
+    # stats on all interfaces whatever serve.host says, and a local cluster listens on loopback only. An exported
     # RAY_SERVE_ENABLE_HA_PROXY (0 or 1) wins over this for a local cluster.
-    serve_ingress: Literal["haproxy", "proxy"] = "haproxy"
+    serve_ingress: Literal["auto", "haproxy", "proxy"] = "auto"
 
 
 @dataclass(kw_only=True)

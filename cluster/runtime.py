@@ -39,17 +39,22 @@ HAPROXY_FIXED_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRIC
                        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 
 
-def serve_ingress_env(ingress: str) -> dict[str, str]:
-    """The process environment of a cluster whose Serve ingress is ``ingress`` ("haproxy" or "proxy")."""
-    return dict(HAPROXY_ENV if ingress == "haproxy" else SERVE_PROXY_ENV)
+def serve_ingress_env(ingress: str, local: bool) -> dict[str, str]:
+    """The process environment of a cluster whose Serve ingress is ``ingress`` ("auto", "haproxy" or "proxy";
+    "auto": HAProxy on pods, Serve's proxy on a ``local`` cluster, see RayConfig.serve_ingress)."""
+    haproxy = ingress == "haproxy" or (ingress == "auto" and not local)
+    return dict(HAPROXY_ENV if haproxy else SERVE_PROXY_ENV)
 
 
 def export_serve_ingress_env(ingress: str) -> None:
     """Export the Serve ingress env for the local cluster this process starts (its processes inherit the
     driver's environment); what the user exported already wins."""
-    for key, value in serve_ingress_env(ingress).items():
+    for key, value in serve_ingress_env(ingress, local=True).items():
         os.environ.setdefault(key, value)
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        log.warning("Serve's HAProxy ingress on a local cluster: Ray binds each Serve replica's HTTP port (the "
+                    "whole API, behind the API key if one is set) and HAProxy's stats on all interfaces, "
+                    "whatever serve.host says")
         for key in HAPROXY_FIXED_PORTS:
             os.environ.setdefault(key, str(_free_port()))
 

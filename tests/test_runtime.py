@@ -77,7 +77,17 @@ def test_a_stage_without_the_owners_runtime_fails_at_once(tmp_path):
     assert "RuntimeError: Ray is not started: run stages through `raylm`" in res.stderr
 
 
-def test_a_local_cluster_gets_haproxy_unless_the_user_exported_otherwise(monkeypatch):
+def test_ingress_auto_is_haproxy_on_pods_and_serves_proxy_on_a_local_cluster():
+    from cluster.runtime import serve_ingress_env
+
+    # a local cluster listens on loopback only; in HAProxy mode Ray binds the replicas' HTTP on all interfaces
+    assert serve_ingress_env("auto", local=True)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert serve_ingress_env("auto", local=False)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert serve_ingress_env("haproxy", local=True)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert serve_ingress_env("proxy", local=False)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+def test_a_local_cluster_gets_haproxy_when_asked_unless_the_user_exported_otherwise(monkeypatch):
     from cluster.runtime import HAPROXY_FIXED_PORTS, export_serve_ingress_env
 
     for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER", *HAPROXY_FIXED_PORTS):
