@@ -4,8 +4,8 @@ One application, APP_NAME; its deployments' names are stable (serveConfigV2 and 
 
 ``serve.engine: hf`` (default): one deployment, ``OpenAIIngress``, autoscaled from ``serve.autoscaling``. Each
 replica holds the HTTP routes (/v1/chat/completions, /v1/completions, /v1/models, /health), the API key check,
-input limits, Prometheus metrics, the Gradio demo at /demo, and the model, run by a continuous-batching loop in a
-thread (serve/local_engine.py). No Serve handle sits between a request and the model: measured on the 2-core
+input limits, Prometheus metrics, the Gradio demo at /demo, and the model, run by a continuous-batching loop in an
+engine process the replica spawns (serve/local_engine.py). No Serve handle sits between a request and the model: measured on the 2-core
 machine, a separate engine deployment cost ~1.8x the CPU per streamed token (docs/serving.md).
 
 ``serve.engine: vllm``: vLLM's engine runs in a second deployment, ``LLMEngine`` (serve/vllm_engine.py, same

@@ -189,10 +189,13 @@ class _Stream:
 
 class Scheduler:
     """Runs a RunningBatch in a thread. ``submit`` from any thread; each request's deltas (coalesced: the first
-    at once, then one per ``stream_interval`` tokens) or its error go to its ``emit`` callback."""
+    at once, then one per ``stream_interval`` tokens) or its error go to its ``emit`` callback. ``on_step`` runs after
+    each admission and each step's emits (before the next forward): where an engine process sends them together."""
 
-    def __init__(self, engine: Engine, max_batch_size: int, stream_interval: int, gather_s: float = 0.005):
+    def __init__(self, engine: Engine, max_batch_size: int, stream_interval: int, gather_s: float = 0.005,
+                 on_step: Callable[[], None] = lambda: None):
         self.engine, self.max_batch_size, self.stream_interval = engine, max_batch_size, stream_interval
+        self.on_step = on_step
         self.gather_s = gather_s  # how long an idle engine waits for company before prefilling a lone request
         self.inbox: queue.Queue = queue.Queue()
         self.cancelled: set = set()
@@ -234,6 +237,7 @@ class Scheduler:
         streams: dict[Hashable, _Stream] = {}
         while True:
             self._admit(batch, streams)
+            self.on_step()
             if not len(batch):
                 with self.lock:
                     if self.inbox.empty():  # nothing can match a leftover key (a request cancelled as it ended)
@@ -247,12 +251,14 @@ class Scheduler:
             try:
                 for key, delta in batch.sample(cancelled):  # sent before the next forward runs
                     self._forward(streams, key, delta)
+                self.on_step()
                 batch.forward()
             except Exception as exc:  # noqa: BLE001 - the forward pass itself failed: the batch is lost
                 for stream in streams.values():
                     stream.emit(exc)
                 streams.clear()
                 batch = RunningBatch(self.engine)
+                self.on_step()
 
     def _admit(self, batch: RunningBatch, streams: dict[Hashable, _Stream]) -> None:
         items = self._take(batch)

@@ -80,6 +80,14 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir)
+    missing = [f for f in REQUIRED_FILES if not (model_dir / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir}: not a Hugging Face model dir (missing {', '.join(missing)})")
+    return model_dir
+
+
 def check_cache_layers(config, model_dir) -> None:
     """serve/batching.py left-pads and concatenates each layer's whole KV history, which only full-attention
     layers keep (any architecture: Llama, Qwen, GPT-2, GPT-NeoX ...). A sliding-window layer keeps only its
@@ -182,10 +190,7 @@ class Engine:
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model_dir = Path(model_dir)
-        missing = [f for f in REQUIRED_FILES if not (model_dir / f).exists()]
-        if missing:
-            raise FileNotFoundError(f"{model_dir}: not a Hugging Face model dir (missing {', '.join(missing)})")
+        model_dir = check_model_dir(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # fp32 on CPU: bf16 is ~10x slower on AVX2-only CPUs (docs/platform.md).
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.config import from_dict
 from cluster.schemas.serve import ServeConfig
 from serve import openai_api as oa
+from serve.local_engine import EngineDied
 from serve.model_info import ModelInfo
 from serve.relay import Choice, Relay, SlotResponse
 from serve.sampling import Delta, RequestError, SamplingParams
@@ -80,6 +81,8 @@ def engine_error(exc: BaseException, timeout_s: float, request_id: str = "-") ->
         return oa.unavailable(f"the request did not finish within {timeout_s:g} s", "timeout")
     if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):
         return oa.unavailable("the engine replica serving this request failed; retry", REPLICA_FAILED)
+    if isinstance(exc, EngineDied):
+        return oa.unavailable("the engine of the replica serving this request failed; retry")
     if isinstance(exc, DeploymentUnavailableError):
         return oa.unavailable("no engine replica is available; retry later")
     cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps what the replica raised
@@ -149,7 +152,7 @@ class OpenAIIngress:
 
             c = self.cfg
             self.local = HFEngine(model_dir, c.max_batch_size, c.batch_wait_timeout_s, c.stream_interval)
-            self.tokenizer = self.local.engine.tokenizer
+            self.tokenizer = self.local.tokenizer
         else:
             from transformers import AutoTokenizer
 

@@ -19,18 +19,20 @@ class Mailbox:
         self.pending: Delta | BaseException | None = None
         self.ready = asyncio.Event()
 
-    def put(self, item: Delta | BaseException) -> None:
-        """From any thread. An error replaces what is pending: the request fails with it."""
+    def put(self, item: Delta | BaseException, wake: bool = True) -> bool:
+        """From any thread. An error replaces what is pending: the request fails with it. Returns whether the
+        consumer needs a wake-up; ``wake=False`` leaves setting ``ready`` (in the loop) to the caller."""
         with self.lock:
-            wake = self.pending is None
+            wake_up = self.pending is None
             if isinstance(self.pending, BaseException):
                 pass  # already failing: nothing after the error matters
             elif isinstance(item, BaseException) or self.pending is None:
                 self.pending = item
             else:
                 self.pending = merge(self.pending, item)
-        if wake:
+        if wake and wake_up:
             self.loop.call_soon_threadsafe(self.ready.set)
+        return wake_up
 
     async def get(self) -> Delta | BaseException:
         await self.ready.wait()

@@ -51,8 +51,9 @@ class ServeConfig:
     # The API key itself never lives in the recipe: it is read from this env var, else from this file.
     api_key_env: str = "RAYLM_API_KEY"
     api_key_file: str | None = None
-    # Replicas that hold the model, autoscaled: with engine=hf the OpenAIIngress replicas (HTTP and model in one
-    # process), with engine=vllm the LLMEngine replicas
+    # Replicas that hold the model, autoscaled: with engine=hf the OpenAIIngress replicas (the HTTP side, and the
+    # model in an engine process each replica spawns: torch takes num_cpus threads there, and the HTTP side uses up
+    # to one more core under load), with engine=vllm the LLMEngine replicas
     num_cpus: float = 1
     num_gpus: float = 0
     max_ongoing_requests: int = 32  # engine=vllm: calls in flight per LLMEngine replica; >= max_batch_size
