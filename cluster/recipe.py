@@ -26,10 +26,10 @@ class RayConfig:
     num_gpus: int | None = None
     object_store_memory_mb: int | None = None
     # Serve's HTTP ingress on the clusters raylm starts: "haproxy", Ray Serve's HAProxy ingress (HAProxy forwards
-    # each request to a replica, which serves it itself: 1.4-1.6x the tokens/s of Serve's Python proxy at c16,
+    # each request to a replica, which serves it itself: 1.7x the tokens/s of Serve's Python proxy at c16,
     # docs/serving.md), "proxy", Serve's Python proxy, or "auto": HAProxy on the KubeRay pods, Serve's proxy on a
-    # local cluster, because in HAProxy mode Ray binds every replica's HTTP port (the whole API) and HAProxy's
-    # stats on all interfaces whatever serve.host says, and a local cluster listens on loopback only. An exported
+    # local cluster, because HAProxy's stats page and exporter listen on all interfaces whatever serve.host says
+    # (Ray's template has no host for them), and a local cluster listens on loopback only. An exported
     # RAY_SERVE_ENABLE_HA_PROXY (0 or 1) wins over this for a local cluster.
     serve_ingress: Literal["auto", "haproxy", "proxy"] = "auto"
 

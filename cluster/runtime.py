@@ -52,9 +52,9 @@ def export_serve_ingress_env(ingress: str) -> None:
     for key, value in serve_ingress_env(ingress, local=True).items():
         os.environ.setdefault(key, value)
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
-        log.warning("Serve's HAProxy ingress on a local cluster: Ray binds each Serve replica's HTTP port (the "
-                    "whole API, behind the API key if one is set) and HAProxy's stats on all interfaces, "
-                    "whatever serve.host says")
+        log.warning("Serve's HAProxy ingress on a local cluster: HAProxy's stats page and Prometheus exporter "
+                    "(read-only, no auth) listen on all interfaces whatever serve.host says; the API stays on "
+                    "serve.host")
         for key in HAPROXY_FIXED_PORTS:
             os.environ.setdefault(key, str(_free_port()))
 

@@ -80,7 +80,7 @@ def test_a_stage_without_the_owners_runtime_fails_at_once(tmp_path):
 def test_ingress_auto_is_haproxy_on_pods_and_serves_proxy_on_a_local_cluster():
     from cluster.runtime import serve_ingress_env
 
-    # a local cluster listens on loopback only; in HAProxy mode Ray binds the replicas' HTTP on all interfaces
+    # a local cluster listens on loopback only; in HAProxy mode HAProxy's stats and exporter bind all interfaces
     assert serve_ingress_env("auto", local=True)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert serve_ingress_env("auto", local=False)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert serve_ingress_env("haproxy", local=True)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
