@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import multiprocessing
+import json
 import os
 import pickle
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
 
 from serve.mailbox import Mailbox
 from serve.sampling import Delta, SamplingParams
@@ -36,8 +40,10 @@ def portable(exc: BaseException) -> BaseException:
 
 
 def engine_main(model_dir: str, max_batch_size: int, stream_interval: int, gather_s: float, threads: int,
-                commands, events) -> None:
-    """The engine process: load the model, run the scheduler thread, take commands until the replica goes away."""
+                conn: Connection) -> None:
+    """The engine process: load the model, run the scheduler thread, take commands until the replica goes away.
+    One socket both ways: this thread only receives, the scheduler thread only sends."""
+    commands = events = conn
     import torch
 
     from serve.batching import Scheduler
@@ -82,22 +88,22 @@ class HFEngine:
         from serve.engine import check_model_dir
 
         check_model_dir(model_dir)  # before the tokenizer, whose own error would not say what is missing
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # spawn, not fork: the replica has threads (Ray's, Serve's) that a forked child would inherit mid-lock
-        ctx = multiprocessing.get_context("spawn")
-        commands_in, self.commands = ctx.Pipe(duplex=False)
-        self.events, events_out = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=engine_main, name="raylm-engine", daemon=True, args=(
-            model_dir, max_batch_size, stream_interval, batch_wait_timeout_s, torch.get_num_threads(),
-            commands_in, events_out))
-        self.process.start()
-        commands_in.close()
-        events_out.close()
+        # A fresh interpreter (not fork: the replica has threads, Ray's and Serve's, that a forked child would
+        # inherit mid-lock; not multiprocessing's spawn: it re-runs the host's __main__, a script without a main
+        # guard included) on one end of a socket pair; it imports what the replica imports (sys.path).
+        mine, theirs = socket.socketpair()
+        args = [model_dir, max_batch_size, stream_interval, batch_wait_timeout_s, torch.get_num_threads()]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serve.local_engine", str(theirs.fileno()), json.dumps(args)],
+            pass_fds=[theirs.fileno()], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        theirs.close()
+        self.commands = self.events = Connection(mine.detach())
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # while the engine process loads the model
         try:
             status, error = self.events.recv()
         except EOFError:
             raise EngineDied(f"{model_dir}: the engine process exited while loading the model "
-                             f"(exit code {self.process.exitcode})") from None
+                             f"(exit code {self.process.wait()})") from None
         if status == "failed":
             raise error
         self.keys = itertools.count()
@@ -161,8 +167,8 @@ class HFEngine:
             box.put(EngineDied("the engine process of this replica exited"))
 
     def check_health(self) -> None:
-        if not self.process.is_alive():
-            raise RuntimeError(f"the engine process died (exit code {self.process.exitcode})")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the engine process died (exit code {self.process.returncode})")
         if not self.reader.is_alive():
             raise RuntimeError("the engine reader thread died")
 
@@ -170,3 +176,7 @@ class HFEngine:
 def _set_all(events: list[asyncio.Event]) -> None:
     for event in events:
         event.set()
+
+
+if __name__ == "__main__":  # the engine process (HFEngine starts it): FD ARGS_JSON
+    engine_main(*json.loads(sys.argv[2]), conn=Connection(int(sys.argv[1])))
